@@ -1,0 +1,335 @@
+"""Hugging Face checkpoints: `config.json` + `*.safetensors` <-> a sharded `Qwen2`.
+
+Loading never builds the model on one host first: the model is created abstractly
+(`nnx.eval_shape`), then each tensor is memory-mapped from its safetensors file, converted
+to this port's layout, and placed shard by shard onto its `NamedSharding` with
+`jax.make_array_from_callback`. Peak host memory is one tensor.
+
+Saving writes what `transformers.Qwen2ForCausalLM.from_pretrained` reads, atomically (a
+temporary directory renamed into place), so a trained policy can be evaluated by any
+Hugging Face-compatible tool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype
+from jaxrlvr.sharding import LOGICAL_AXIS_RULES, LogicalRules, logical_axes_of, named_sharding
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+    def read(self) -> np.ndarray:
+        if self.dtype not in _ST_DTYPES:
+            raise ValueError(f"{self.file}: unsupported safetensors dtype {self.dtype}")
+        dtype = np.dtype(_ST_DTYPES[self.dtype])
+        if not self.shape or 0 in self.shape:
+            return np.zeros(self.shape, dtype)
+        return np.memmap(self.file, dtype=dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def _read_header(file: str) -> dict[str, _TensorRef]:
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{file}: truncated safetensors file (no header)")
+        n = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt safetensors header: {e}") from None
+    size = os.path.getsize(file)
+    refs = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        if 8 + n + end > size:
+            raise ValueError(f"{file}: tensor {name!r} extends past the end of the file")
+        refs[name] = _TensorRef(file, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+    return refs
+
+
+def _index_checkpoint(path: str) -> dict[str, _TensorRef]:
+    """Every tensor of a single-file or sharded (`model.safetensors.index.json`) checkpoint."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    index_file = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{index_file} lists {name}, which is missing from {path}")
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
+    refs: dict[str, _TensorRef] = {}
+    for name in files:
+        refs.update(_read_header(os.path.join(path, name)))
+    return refs
+
+
+def _write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]):
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {
+            "dtype": _ST_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+# --------------------------------------------------------------------------- name/layout map
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one parameter of this port is stored in a Hugging Face checkpoint."""
+
+    name: str
+    hf_shape: tuple[int, ...]
+    to_port: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+def _hf_layout(path: tuple, cfg: Qwen2Config) -> _Layout:
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h, k, v = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size
+    if path == ("embed",):
+        return _Layout("model.embed_tokens.weight", (v, d), _identity, _identity)
+    if path == ("final_norm", "scale"):
+        return _Layout("model.norm.weight", (d,), _identity, _identity)
+    if path == ("lm_head",):
+        return _Layout("lm_head.weight", (v, d), _transpose, _transpose)
+    _, i, block, leaf = path  # ('layers', i, block, leaf)
+    prefix = f"model.layers.{i}"
+    if block == "input_norm":
+        return _Layout(f"{prefix}.input_layernorm.weight", (d,), _identity, _identity)
+    if block == "post_attn_norm":
+        return _Layout(f"{prefix}.post_attention_layernorm.weight", (d,), _identity, _identity)
+    if block == "mlp":
+        proj = leaf.removesuffix("_kernel")
+        shape = (d, f) if proj == "down" else (f, d)
+        return _Layout(f"{prefix}.mlp.{proj}_proj.weight", shape, _transpose, _transpose)
+    if block == "attn":
+        proj, kind = leaf.split("_")
+        heads = h if proj in ("q", "o") else k
+        name = f"{prefix}.self_attn.{proj}_proj.{'bias' if kind == 'bias' else 'weight'}"
+        if kind == "bias":
+            return _Layout(
+                name, (heads * hd,), lambda x: x.reshape(heads, hd), lambda x: x.reshape(-1)
+            )
+        if proj == "o":  # [D, H*Dh] <-> [H, Dh, D]
+            return _Layout(
+                name, (d, h * hd), lambda x: x.T.reshape(h, hd, d), lambda x: x.reshape(-1, d).T
+            )
+        return _Layout(  # [N*Dh, D] <-> [D, N, Dh]
+            name,
+            (heads * hd, d),
+            lambda x: x.T.reshape(d, heads, hd),
+            lambda x: x.reshape(d, -1).T,
+        )
+    raise KeyError(f"no Hugging Face name for parameter {'.'.join(map(str, path))}")
+
+
+# --------------------------------------------------------------------------- load / save
+
+
+def load_hf_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = LOGICAL_AXIS_RULES,
+    **config_overrides,
+) -> Qwen2:
+    """Load a Hugging Face Qwen2 checkpoint directory into a (sharded) `Qwen2`.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else
+    float32). With `mesh`, every tensor goes straight to its shards; without, to the
+    default device. Raises a clear error, before reading any weights, for missing files,
+    a non-Qwen2 architecture, or a tensor that is missing or of the wrong shape.
+    """
+    path = os.fspath(path)
+    if dtype is not None:
+        config_overrides["dtype"] = dtype
+    config_overrides.setdefault("param_dtype", param_dtype or dtype or "float32")
+    cfg = Qwen2Config.from_pretrained(path, **config_overrides)
+    refs = _index_checkpoint(path)
+
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+
+    plan = []
+    for key, var in flat:
+        layout = _hf_layout(key, cfg)
+        ref = refs.get(layout.name)
+        if ref is None:
+            raise ValueError(f"{path}: tensor {layout.name!r} is missing from the checkpoint")
+        if ref.shape != layout.hf_shape:
+            raise ValueError(
+                f"{path}: tensor {layout.name!r} in {os.path.basename(ref.file)} has shape "
+                f"{list(ref.shape)}, expected {list(layout.hf_shape)} for this config.json"
+            )
+        plan.append((key, var, layout, ref))
+    unused = set(refs) - {p[2].name for p in plan} - {"lm_head.weight"}
+    unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
+    if unused:
+        log.warning("%s: ignoring %d unused tensors, e.g. %s", path, len(unused), sorted(unused)[:3])
+
+    target = np.dtype(as_dtype(cfg.param_dtype))
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for key, var, layout, ref in plan:
+        host = np.asarray(layout.to_port(ref.read()), dtype=target)
+        sharding = default if mesh is None else named_sharding(
+            mesh, logical_axes_of(var), var.shape, rules
+        )
+        var.set_value(jax.make_array_from_callback(var.shape, sharding, lambda idx: host[idx]))
+        del host
+    log.info("loaded %s: %d tensors, %s params", path, len(plan), f"{_num_params(flat):,}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _num_params(flat) -> int:
+    return sum(int(np.prod(v.shape)) for _, v in flat)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_hf_checkpoint(
+    model: Qwen2,
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    tokenizer=None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write `model` as a Hugging Face `Qwen2ForCausalLM` checkpoint directory.
+
+    `dtype` is the stored dtype (default: the model's `param_dtype`). Tensors are split
+    into several files with an index when they exceed `max_shard_bytes`. `tokenizer`
+    (a `transformers` tokenizer) is saved alongside if given. In multi-process runs every
+    process must call this (parameters are gathered); only process 0 writes.
+    """
+    path = os.fspath(path)
+    cfg = model.config
+    out_dtype = np.dtype(as_dtype(dtype or cfg.param_dtype))
+    tensors: dict[str, np.ndarray] = {}
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        layout = _hf_layout(key, cfg)
+        tensors[layout.name] = np.ascontiguousarray(
+            layout.to_hf(_to_host(var[...])).astype(out_dtype)
+        )
+    if jax.process_index() != 0:
+        return
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            _write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0], meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _write_safetensors(os.path.join(tmp, file), shard, meta)
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(a.nbytes for a in tensors.values())
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf_config = cfg.to_hf_dict() | {"dtype": str(out_dtype)}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            old = tmp + ".old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved Hugging Face checkpoint to %s (%d files)", path, len(shards))

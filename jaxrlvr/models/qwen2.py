@@ -1,0 +1,430 @@
+"""Qwen2 / Qwen2.5 causal language model in Flax NNX.
+
+One readable file: config and presets, RMSNorm, split-half rotary embeddings, grouped-query
+attention with q/k/v biases, SwiGLU MLP, tied or untied LM head, and a KV cache for
+incremental decoding in which every batch row sits at its own position.
+
+Numerics follow Hugging Face `Qwen2ForCausalLM`: norms, rotary tables and the attention
+softmax are computed in float32; matmuls run in the compute `dtype`; logits are returned in
+float32. Every parameter names its dimensions with logical axes (see `jaxrlvr.sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlvr.sharding import constrain
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name: str | Any) -> jnp.dtype:
+    """'float32' / 'bfloat16' / 'float16' (or a dtype) -> jnp dtype."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[name])
+    return jnp.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    """Architecture (Hugging Face `config.json` fields) plus numerics of this port."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151643
+    # numerics of this port (not part of the HF architecture)
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: bool = False  # activation checkpointing per decoder layer
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        as_dtype(self.dtype), as_dtype(self.param_dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **kw) -> Qwen2Config:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **overrides) -> Qwen2Config:
+        """Build from a parsed Hugging Face `config.json` (unknown keys are ignored)."""
+        archs = d.get("architectures") or []
+        if d.get("model_type") not in (None, "qwen2") or (
+            archs and not any(a.startswith("Qwen2For") for a in archs)
+        ):
+            raise ValueError(
+                f"not a Qwen2 checkpoint: model_type={d.get('model_type')!r}, "
+                f"architectures={archs!r} (expected model_type 'qwen2' / Qwen2ForCausalLM)"
+            )
+        head_dim = d.get("head_dim")
+        if head_dim is not None and head_dim * d["num_attention_heads"] != d["hidden_size"]:
+            raise ValueError(f"head_dim={head_dim} != hidden_size / num_attention_heads")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"unsupported rope scaling {rope!r}; only default RoPE is ported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k not in ("dtype", "param_dtype")}
+        if "rope_theta" not in d and "rope_theta" in rope:
+            kw["rope_theta"] = rope["rope_theta"]
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Qwen2Config:
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no config.json in checkpoint directory {path}")
+        with open(file) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+        try:
+            return cls.from_hf_dict(d, **overrides)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{file}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` that `transformers.Qwen2ForCausalLM` reads."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "dtype": self.param_dtype,
+        }
+
+
+# Numbers from the published Hugging Face configs of each model.
+PRESETS: dict[str, Qwen2Config] = {
+    "qwen2.5-0.5b": Qwen2Config(),
+    "qwen2.5-1.5b": Qwen2Config(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+    ),
+    "qwen2.5-3b": Qwen2Config(
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=2,
+    ),
+    "qwen2.5-7b": Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-math-1.5b": Qwen2Config(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_theta=10000.0,
+    ),
+    "qwen2.5-math-7b": Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=4096,
+        rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+    # For tests: GQA with biases, small enough to compile in seconds.
+    "tiny": Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+    ),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> Qwen2Config:
+    """A named architecture (`PRESETS`), optionally with fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, `[B, S, K, Dh]` each; cache slot index == token position."""
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+
+    @property
+    def max_length(self) -> int:
+        return self.k[0].shape[1]
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, scale: float | None) -> nnx.Param:
+    """A parameter initialised N(0, scale^2) (or ones / zeros), tagged with logical axes."""
+    if scale is None:
+        value = jnp.ones(shape, dtype)
+    elif scale == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(names))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(rngs, (dim,), ("norm",), as_dtype(cfg.param_dtype), None)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # As Hugging Face: back to the input dtype, then scale.
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos, sin `[B, T, Dh]` (float32) for split-half rotary embeddings."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x `[B, T, N, Dh]`; rotate the two halves of the head dimension."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        pdt, std = as_dtype(cfg.param_dtype), 0.02
+        self.cfg = cfg
+        self.q_kernel = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std)
+        self.k_kernel = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pdt, std)
+        self.v_kernel = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pdt, std)
+        self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pdt, 0.0)
+        self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pdt, 0.0)
+        self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pdt, 0.0)
+        self.o_kernel = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std)
+
+    def __call__(
+        self,
+        x: Array,  # [B, T, D]
+        cos: Array,  # [B, T, Dh]
+        sin: Array,
+        mask: Array,  # [B, T, S] bool: query t may attend key slot s
+        kv: tuple[Array, Array] | None,  # cache ([B, S, K, Dh] x 2) or None
+        cache_index: Array | None,  # [B] slot of x[:, 0] in the cache
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+
+        if kv is not None:  # write the new keys/values at each row's own slot
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
+            k_cache = write(kv[0], k.astype(kv[0].dtype), cache_index)
+            v_cache = write(kv[1], v.astype(kv[1].dtype), cache_index)
+            names = ("batch", "cache_length", "kv_heads", "head_dim")
+            k_cache, v_cache = constrain(k_cache, names), constrain(v_cache, names)
+            kv = (k_cache, v_cache)
+            k, v = k_cache.astype(dt), v_cache.astype(dt)
+
+        b, t, h, hd = q.shape
+        n_kv = k.shape[2]
+        q = q.reshape(b, t, n_kv, h // n_kv, hd)  # group query heads by their KV head
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        return jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(dt)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        d, f, pdt = cfg.hidden_size, cfg.intermediate_size, as_dtype(cfg.param_dtype)
+        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), pdt, 0.02)
+        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), pdt, 0.02)
+        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), pdt, 0.02)
+
+    def __call__(self, x: Array) -> Array:
+        dt = x.dtype
+        gate = x @ self.gate_kernel[...].astype(dt)
+        up = x @ self.up_kernel[...].astype(dt)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return hidden @ self.down_kernel[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
+        attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, ("batch", "length", "act_embed")), kv
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Qwen2(nnx.Module):
+    """`Qwen2ForCausalLM`: `model(input_ids, positions=None, attention_mask=None) -> logits`."""
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = as_dtype(cfg.param_dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt, 0.02)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt, 0.02
+            )
+
+    # -- pieces the trainer uses directly (chunked log-probs never build [B, T, V] at once)
+
+    def unembedding(self) -> Array:
+        """The LM head as a `[D, V]` matrix (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def hidden_states(
+        self,
+        input_ids: Array,  # [B, T] int
+        positions: Array | None = None,  # [B, T] int
+        attention_mask: Array | None = None,  # [B, T] {0, 1}
+        *,
+        cache: KVCache | None = None,
+        cache_index: Array | None = None,  # [B] int: cache slot of input_ids[:, 0]
+    ) -> tuple[Array, KVCache | None]:
+        """Final-norm hidden states `[B, T, D]` (compute dtype) and the updated cache.
+
+        Without a cache, attention is causal over the T tokens, restricted to
+        `attention_mask`; positions default to `cumsum(mask) - 1` (left padding is exact).
+        With a cache, row b's tokens go to slots `cache_index[b] + t` and attend every slot
+        up to their own; positions default to the slot index.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if cache is None:
+            valid = (
+                jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+            )
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & valid[:, None, :]  # [B, T, T]
+        else:
+            if cache_index is None:
+                raise ValueError("cache_index is required with a cache")
+            slots = cache_index[:, None] + jnp.arange(t)  # [B, T]
+            if positions is None:
+                positions = slots
+            mask = jnp.arange(cache.max_length)[None, None, :] <= slots[:, :, None]  # [B, T, S]
+            if attention_mask is not None:
+                mask &= attention_mask.astype(bool)[:, :, None]
+
+        dt = as_dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                if cfg.remat:
+                    x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
+                else:
+                    x, _ = layer(x, cos, sin, mask)
+            else:
+                x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache_index)
+                new_k.append(k)
+                new_v.append(v)
+        x = self.final_norm(x)
+        return x, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
+
+    def logits(self, hidden: Array) -> Array:
+        """`[B, T, D]` hidden states -> `[B, T, V]` float32 logits."""
+        w = self.unembedding().astype(hidden.dtype)
+        logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        cache_index: Array | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Logits `[B, T, V]` (float32); with a cache, `(logits, new_cache)`."""
+        hidden, new_cache = self.hidden_states(
+            input_ids, positions, attention_mask, cache=cache, cache_index=cache_index
+        )
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+        """A zero KV cache of `max_length` slots per row (compute dtype by default)."""
+        return init_cache(self.config, batch_size, max_length, dtype)
+
+
+def init_cache(cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    dt = as_dtype(cfg.dtype if dtype is None else dtype)
+    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
+    return KVCache(zeros, tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers)))
+
+
+CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
