@@ -220,18 +220,25 @@ def load_hf_checkpoint(
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
 
-    plan = []
+    plan, missing = [], []
     for key, var in flat:
         layout = _hf_layout(key, cfg)
         ref = refs.get(layout.name)
         if ref is None:
-            raise ValueError(f"{path}: tensor {layout.name!r} is missing from the checkpoint")
+            missing.append(layout.name)
+            continue
         if ref.shape != layout.hf_shape:
             raise ValueError(
                 f"{path}: tensor {layout.name!r} in {os.path.basename(ref.file)} has shape "
                 f"{list(ref.shape)}, expected {list(layout.hf_shape)} for this config.json"
             )
         plan.append((key, var, layout, ref))
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} tensor(s) missing from the checkpoint: "
+            + ", ".join(repr(n) for n in sorted(missing)[:4])
+            + (", ..." if len(missing) > 4 else "")
+        )
     unused = set(refs) - {p[2].name for p in plan} - {"lm_head.weight"}
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
     if unused:

@@ -103,6 +103,8 @@ class Qwen2Config:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> Qwen2Config:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {os.fspath(path)!r} does not exist")
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no config.json in checkpoint directory {path}")
