@@ -101,7 +101,8 @@ def test_clear_errors(tmp_path):
 
     (path / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
     with pytest.raises(
-        ValueError, match=r"mlp.down_proj.weight. in model.safetensors has shape \[64, 128\], expected \[64, 96\]"
+        ValueError,
+        match=r"down_proj.weight. in model.safetensors has shape \[64, 128\], expected \[64, 96\]",
     ):
         load_hf_checkpoint(path)
 

@@ -232,29 +232,35 @@ def load_hf_checkpoint(
                 f"{path}: tensor {layout.name!r} in {os.path.basename(ref.file)} has shape "
                 f"{list(ref.shape)}, expected {list(layout.hf_shape)} for this config.json"
             )
-        plan.append((key, var, layout, ref))
+        plan.append((var, layout, ref))
     if missing:
         raise ValueError(
             f"{path}: {len(missing)} tensor(s) missing from the checkpoint: "
             + ", ".join(repr(n) for n in sorted(missing)[:4])
             + (", ..." if len(missing) > 4 else "")
         )
-    unused = set(refs) - {p[2].name for p in plan} - {"lm_head.weight"}
+    unused = set(refs) - {layout.name for _, layout, _ in plan} - {"lm_head.weight"}
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
     if unused:
-        log.warning("%s: ignoring %d unused tensors, e.g. %s", path, len(unused), sorted(unused)[:3])
+        log.warning(
+            "%s: ignoring %d unused tensors, e.g. %s", path, len(unused), sorted(unused)[:3]
+        )
 
     target = np.dtype(as_dtype(cfg.param_dtype))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    for key, var, layout, ref in plan:
+    for var, layout, ref in plan:
+        sharding = default
+        if mesh is not None:
+            sharding = named_sharding(mesh, logical_axes_of(var), var.shape, rules)
         host = np.asarray(layout.to_port(ref.read()), dtype=target)
-        sharding = default if mesh is None else named_sharding(
-            mesh, logical_axes_of(var), var.shape, rules
-        )
-        var.set_value(jax.make_array_from_callback(var.shape, sharding, lambda idx: host[idx]))
-        del host
+        var.set_value(_place(host, sharding))
     log.info("loaded %s: %d tensors, %s params", path, len(plan), f"{_num_params(flat):,}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host copy: each device receives only its own slice."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _num_params(flat) -> int:
@@ -320,11 +326,15 @@ def save_hf_checkpoint(
                 weight_map.update(dict.fromkeys(shard, file))
             total = sum(a.nbytes for a in tensors.values())
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2
+                )
         hf_config = cfg.to_hf_dict() | {"dtype": str(out_dtype)}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
+        gen = {
+            k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None
+        }
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
         if tokenizer is not None:

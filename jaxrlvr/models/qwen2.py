@@ -240,7 +240,12 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
-        d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, h, k, hd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         pdt, std = as_dtype(cfg.param_dtype), 0.02
         self.cfg = cfg
         self.q_kernel = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std)
@@ -261,9 +266,15 @@ class Attention(nnx.Module):
         cache_index: Array | None,  # [B] slot of x[:, 0] in the cache
     ) -> tuple[Array, tuple[Array, Array] | None]:
         dt = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(
+            dt
+        )
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(
+            dt
+        )
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(
+            dt
+        )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
