@@ -47,7 +47,9 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence | None = Non
     n = len(devices)
     shape = [1, n, 1] if shape is None else list(shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+        raise ValueError(
+            f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}"
+        )
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {tuple(shape)}: at most one entry may be -1")
     if -1 in shape:
@@ -99,7 +101,10 @@ def logical_to_spec(
 
 
 def named_sharding(
-    mesh: Mesh, names: Sequence[str | None], shape: Sequence[int], rules: LogicalRules = LOGICAL_AXIS_RULES
+    mesh: Mesh,
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    rules: LogicalRules = LOGICAL_AXIS_RULES,
 ) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape), rules))
 
