@@ -41,7 +41,8 @@ LOGICAL_AXIS_RULES: LogicalRules = (
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence | None = None) -> Mesh:
     """A mesh over ``('data', 'fsdp', 'tensor')``.
 
-    `shape=None` puts every device on 'fsdp'. One entry may be -1 (inferred).
+    `shape=None` puts every device on 'fsdp'. One entry may be -1 (inferred). A shape
+    smaller than the device count uses the first devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -57,9 +58,10 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence | None = Non
         if n % known:
             raise ValueError(f"mesh shape {tuple(shape)} does not divide {n} devices")
         shape[shape.index(-1)] = n // known
-    if math.prod(shape) != n or min(shape) < 1:
+    if math.prod(shape) > n or min(shape) < 1:
         raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {n}")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    # A smaller mesh uses the first devices (e.g. the demo on one of several devices).
+    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), MESH_AXES)
 
 
 def _mesh_axes_for(name: str | None, rules: LogicalRules) -> tuple[str, ...]:

@@ -1,0 +1,277 @@
+"""The training config tree, its presets, and validation.
+
+Every experiment file in `configs/` is `get_config(preset)` over `base_config(preset)`:
+the shared tree with the preset's values (`demo`, `qwen2.5-math-7b`, `qwen2.5-math-1.5b`,
+`qwen2.5-0.5b`), then the method's own changes. `docs/config.md` documents every field.
+`validate(config)` checks the whole tree before anything is compiled and raises one
+`ConfigError` naming each bad key and its allowed range.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+PRESET_NAMES = ("demo", "qwen2.5-math-7b", "qwen2.5-math-1.5b", "qwen2.5-0.5b")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key and the allowed range."""
+
+
+def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
+    """The full config tree with `preset`'s values (see `PRESET_NAMES`)."""
+    preset = preset or "demo"
+    if preset not in PRESET_NAMES:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESET_NAMES)}")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.name = "grpo"  # method name, used in the default workdir and logs
+    c.workdir = config_dict.placeholder(str)  # default: runs/<name>-<preset>
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = config_dict.placeholder(str)  # local Hugging Face checkpoint directory
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # storage dtype of the trained parameters
+    c.model.remat = False  # activation checkpointing per layer
+    c.model.logp_chunk = 128  # sequence chunk for log-probs/entropy ([chunk, V] logits)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = config_dict.placeholder(str)  # comma-separated paths or globs
+    c.data.eval_files = config_dict.placeholder(str)
+    c.data.prompt_field = ""  # "" = "prompt", else "problem"; dotted paths allowed
+    c.data.answer_field = "answer"
+    c.data.prompt_template = "qwen_chat"  # qwen_chat | dapo | raw
+    c.data.max_prompt_len = 1024  # tokens; longer prompts are dropped (counted)
+    c.data.shuffle = True
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.name = "math"  # math | demo
+    c.reward.timeout_s = 5.0  # per-answer time limit of the math checker
+    c.reward.num_workers = 0  # checker processes; 0 = half the CPUs (1..8)
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.n = 8  # samples per prompt (GRPO group size)
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0  # 0 = off
+    c.rollout.max_new_tokens = 3072
+    c.rollout.max_slots = 256  # concurrent sequences in the sampler's KV cache
+    c.rollout.backend = "engine"  # engine | jetstream
+
+    c.algo = ml_collections.ConfigDict()
+    c.algo.eps_low = 0.2
+    c.algo.eps_high = 0.28
+    c.algo.dual_clip = 10.0  # c of the dual clip (A < 0); 0 = off
+    c.algo.loss_agg = "token-mean"
+    c.algo.std_normalize = True  # False = Dr. GRPO advantages
+    c.algo.kl_coef = 0.0  # > 0 loads a frozen reference model
+    c.algo.kl_estimator = "k3"  # k1 | k2 | k3
+    c.algo.entropy_coef = 0.0  # fixed entropy bonus
+    c.algo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
+    c.algo.dynamic_sampling_max_batches = 4  # prompt batches tried per step before giving up
+    c.algo.old_logp_source = "trainer"  # trainer | sampler
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.1
+    c.optim.warmup_steps = 10  # optimizer updates of linear warm-up
+    c.optim.schedule = "constant"  # constant | cosine (to 0 at the last update)
+    c.optim.grad_clip = 1.0  # global norm; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 500
+    c.train.prompts_per_step = 512
+    c.train.mini_batch_prompts = 32  # updates per step = prompts_per_step / mini_batch_prompts
+    c.train.micro_batch_sequences = 8  # gradient accumulation chunk (sequences)
+    c.train.eval_every = 10  # steps; 0 = never
+    c.train.eval_n = 32  # samples per eval prompt (the k of Avg@k / Pass@k)
+    c.train.eval_max_prompts = 0  # 0 = all eval prompts
+    c.train.checkpoint_every = 20  # steps; 0 = only at the end
+    c.train.max_checkpoints = 2
+    c.train.log_every = 1  # console summary every k steps
+    c.train.progress = True  # progress bars
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+
+    if preset == "demo":
+        _demo(c)
+    elif preset == "qwen2.5-math-1.5b":
+        c.train.prompts_per_step = 128
+        c.train.mini_batch_prompts = 16
+        c.rollout.max_new_tokens = 3072
+    elif preset == "qwen2.5-0.5b":
+        c.train.prompts_per_step = 64
+        c.train.mini_batch_prompts = 16
+        c.rollout.max_new_tokens = 2048
+        c.data.prompt_template = "qwen_chat"
+    if preset.startswith("qwen"):
+        c.model.dtype = "bfloat16"
+        c.model.remat = True
+        c.data.prompt_template = "dapo" if preset == "qwen2.5-math-7b" else c.data.prompt_template
+        c.data.answer_field = "reward_model.ground_truth"
+    return c
+
+
+def _demo(c: ml_collections.ConfigDict) -> None:
+    """The embedded demo: a tiny warm-started policy on arithmetic, minutes on a CPU."""
+    c.model.dtype = "float32"
+    c.reward.name = "demo"
+    c.data.prompt_template = "raw"
+    c.data.answer_field = "answer"
+    c.data.max_prompt_len = 32
+    c.rollout.n = 8
+    c.rollout.max_new_tokens = 64
+    c.rollout.max_slots = 128
+    c.algo.eps_high = 0.2
+    c.algo.dual_clip = 3.0
+    c.optim.lr = 2e-4
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 0
+    c.train.steps = 60
+    c.train.prompts_per_step = 32
+    c.train.mini_batch_prompts = 16
+    c.train.micro_batch_sequences = 64
+    c.train.eval_every = 20
+    c.train.eval_n = 4
+    c.train.eval_max_prompts = 64
+    c.train.checkpoint_every = 20
+    c.mesh.shape = (1, 1, 1)
+
+
+def workdir(config: ml_collections.ConfigDict) -> str:
+    return config.workdir or f"runs/{config.name}-{config.preset}"
+
+
+def split_files(spec: str | None) -> list[str]:
+    return [s.strip() for s in (spec or "").split(",") if s.strip()]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every field; raise one `ConfigError` listing each problem with its key."""
+    errors: list[str] = []
+
+    def need(ok: bool, key: str, allowed: str):
+        if not ok:
+            errors.append(f"config.{key}={_get(config, key)!r}: {allowed}")
+
+    def one_of(key: str, options):
+        need(_get(config, key) in options, key, f"must be one of {', '.join(map(str, options))}")
+
+    a, r, t, o = config.algo, config.rollout, config.train, config.optim
+    need(0 <= a.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
+    need(a.eps_high >= 0, "algo.eps_high", "must be >= 0")
+    need(a.dual_clip == 0 or a.dual_clip > 1, "algo.dual_clip", "must be 0 (off) or > 1")
+    one_of("algo.loss_agg", LOSS_AGG_MODES)
+    one_of("algo.kl_estimator", ("k1", "k2", "k3"))
+    need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+    need(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0")
+    one_of("algo.old_logp_source", ("trainer", "sampler"))
+    need(a.dynamic_sampling_max_batches >= 1, "algo.dynamic_sampling_max_batches", "must be >= 1")
+
+    need(r.n >= 1, "rollout.n", "must be >= 1")
+    need(r.temperature > 0, "rollout.temperature", "must be > 0 for RL rollouts")
+    need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(r.max_slots >= 1, "rollout.max_slots", "must be >= 1")
+    one_of("rollout.backend", ("engine", "jetstream"))
+
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(0 <= o.b1 < 1, "optim.b1", "must be in [0, 1)")
+    need(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    one_of("optim.schedule", ("constant", "cosine"))
+    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+
+    need(t.steps >= 1, "train.steps", "must be >= 1")
+    need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+    need(t.mini_batch_prompts >= 1, "train.mini_batch_prompts", "must be >= 1")
+    if t.prompts_per_step >= 1 and t.mini_batch_prompts >= 1:
+        need(
+            t.prompts_per_step % t.mini_batch_prompts == 0,
+            "train.prompts_per_step",
+            f"must be divisible by train.mini_batch_prompts={t.mini_batch_prompts}",
+        )
+    seqs = t.mini_batch_prompts * r.n
+    need(
+        t.micro_batch_sequences >= 1 and seqs % t.micro_batch_sequences == 0,
+        "train.micro_batch_sequences",
+        f"must divide the mini-batch of mini_batch_prompts * rollout.n = {seqs} sequences",
+    )
+    for key in ("eval_every", "checkpoint_every", "eval_max_prompts"):
+        need(t[key] >= 0, f"train.{key}", "must be >= 0 (0 = off)")
+    need(t.eval_n >= 1, "train.eval_n", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.max_checkpoints >= 1, "train.max_checkpoints", "must be >= 1")
+
+    one_of("model.dtype", ("float32", "bfloat16"))
+    one_of("model.param_dtype", ("float32", "bfloat16"))
+    need(config.model.logp_chunk >= 1, "model.logp_chunk", "must be >= 1")
+    one_of("data.prompt_template", ("qwen_chat", "dapo", "raw"))
+    need(config.data.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
+    one_of("reward.name", ("math", "demo"))
+    need(config.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    need(config.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = auto)")
+
+    shape = tuple(config.mesh.shape)
+    need(
+        len(shape) == 3 and all(s >= 1 or s == -1 for s in shape) and shape.count(-1) <= 1,
+        "mesh.shape",
+        "must be 3 sizes over ('data', 'fsdp', 'tensor'), each >= 1, at most one -1",
+    )
+
+    if config.preset != "demo":
+        need(bool(config.model.path), "model.path", "required: a local Hugging Face checkpoint dir")
+        need(bool(split_files(config.data.train_files)), "data.train_files", "required")
+    if config.model.path:
+        need(os.path.isdir(config.model.path), "model.path", "directory does not exist")
+    for key in ("data.train_files", "data.eval_files"):
+        for spec in split_files(_get(config, key)):
+            if not glob.glob(spec):
+                errors.append(f"config.{key}: {spec!r} matches no file")
+
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def updates_per_step(config: ml_collections.ConfigDict) -> int:
+    return config.train.prompts_per_step // config.train.mini_batch_prompts
+
+
+def total_updates(config: ml_collections.ConfigDict) -> int:
+    return config.train.steps * updates_per_step(config)
+
+
+__all__ = [
+    "ConfigError",
+    "LOSS_AGG_MODES",
+    "PRESET_NAMES",
+    "base_config",
+    "split_files",
+    "total_updates",
+    "updates_per_step",
+    "validate",
+    "workdir",
+]

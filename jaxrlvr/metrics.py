@@ -1,0 +1,101 @@
+"""Per-step metrics: `metrics.jsonl` (one JSON object per step), TensorBoard, console."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to `workdir/metrics.jsonl`, mirrored to TensorBoard.
+
+    On resume from step k, rows of later steps (written after the checkpoint) are dropped,
+    so the file always describes one consistent run.
+    """
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [
+                    line for line in f if line.strip() and json.loads(line)["step"] <= resume_step
+                ]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(rows)
+            os.replace(tmp, self.path)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            log.warning("tensorboardX not installed: no TensorBoard mirror")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)} | {k: _plain(v) for k, v in metrics.items() if k != "step"}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    return v
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of `workdir/metrics.jsonl`."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class StepTimer:
+    """Wall-clock sections of a step (`with timer('rollout'): ...`)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Section:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Section()
+
+
+def console_line(step: int, total: int, m: dict[str, Any], keys: tuple[str, ...]) -> str:
+    parts = [f"step {step}/{total}"]
+    for k in keys:
+        if k in m and m[k] is not None:
+            v = m[k]
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)

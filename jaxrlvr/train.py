@@ -1,0 +1,384 @@
+"""GRPO training: `python -m jaxrlvr.train --config=configs/grpo.py[:preset] [--config.x=y ...]`.
+
+One step: sample `n` responses for each of `prompts_per_step` prompts with the current
+policy, score them with a verifiable reward, compute group advantages, run one old-policy
+pass for log-probs and entropies, then `prompts_per_step / mini_batch_prompts` optimizer
+updates. Metrics go to `workdir/metrics.jsonl` and TensorBoard; Orbax checkpoints make a
+rerun of the same command resume; the final policy is exported to `workdir/hf/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from jaxrlvr import config as config_lib
+from jaxrlvr import grpo, losses
+from jaxrlvr.checkpointing import Checkpointer
+from jaxrlvr.data import PromptDataset, load_prompts
+from jaxrlvr.evaluation import avg_and_pass_at_k
+from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
+from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
+from jaxrlvr.rewards import get_reward_fn
+from jaxrlvr.sampling import Engine, SamplingParams, generate
+from jaxrlvr.sharding import make_mesh, named_sharding
+
+log = logging.getLogger("jaxrlvr.train")
+
+CONSOLE_KEYS = ("reward_mean", "accuracy", "entropy", "response_length_mean", "pg_clipfrac")
+
+
+def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fill in the demo's model and data (built and cached on first use) where unset."""
+    config = ml_collections.ConfigDict(config.to_dict())  # a copy; the caller's stays as given
+    if config.preset == "demo" and not config.model.path:
+        from jaxrlvr.demo_policy import build_demo_policy
+
+        path = build_demo_policy(log=log.info)
+        config.model.path = str(path)
+        config.data.train_files = config.data.train_files or str(path / "train.jsonl")
+        config.data.eval_files = config.data.eval_files or str(path / "eval.jsonl")
+    return config
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """EOS plus the chat end-of-turn token where the vocabulary has one."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return tuple(sorted(ids))
+
+
+class Trainer:
+    """The stateful shell around the pure update in `jaxrlvr.grpo`."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        config_lib.validate(config)
+        self.config = config = resolve_model_and_data(config)
+        config_lib.validate(config)
+        self.workdir = config_lib.workdir(config)
+        self.mesh = make_mesh(tuple(config.mesh.shape))
+        c, a = config, config.algo
+
+        self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        data_kw = dict(
+            tokenizer=self.tokenizer,
+            template=c.data.prompt_template,
+            max_prompt_len=c.data.max_prompt_len,
+            prompt_field=c.data.prompt_field or None,
+            answer_field=c.data.answer_field,
+        )
+        train_prompts = load_prompts(config_lib.split_files(c.data.train_files), **data_kw)
+        if len(train_prompts) < c.train.prompts_per_step:
+            raise config_lib.ConfigError(
+                f"config.data.train_files: {len(train_prompts)} usable prompts, fewer than "
+                f"config.train.prompts_per_step={c.train.prompts_per_step}"
+            )
+        self.dataset = PromptDataset(
+            train_prompts, c.train.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle
+        )
+        self.data_iter = self.dataset.iterator()
+        self.eval_prompts = None
+        if c.data.eval_files and c.train.eval_every:
+            self.eval_prompts = load_prompts(config_lib.split_files(c.data.eval_files), **data_kw)
+        self.reward_fn = get_reward_fn(
+            c.reward.name,
+            **(
+                {"timeout_s": c.reward.timeout_s, "num_workers": c.reward.num_workers or None}
+                if c.reward.name == "math"
+                else {}
+            ),
+        )
+
+        model = load_hf_checkpoint(
+            c.model.path,
+            dtype=c.model.dtype,
+            param_dtype=c.model.param_dtype,
+            mesh=self.mesh,
+            remat=c.model.remat,
+        )
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.ref_params = params if a.kl_coef > 0 else None  # frozen initial policy
+        self.total_updates = config_lib.total_updates(c)
+        self.tx, self.schedule = grpo.make_optimizer(c.optim, self.total_updates)
+        self.settings = grpo.LossSettings.from_config(c)
+        self.state = grpo.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=jax.random.key(c.seed),
+            entropy=jnp.full((), jnp.nan, jnp.float32),
+        )
+        prefill = max(16, 1 << (c.data.max_prompt_len - 1).bit_length())
+        self.engine = Engine(
+            model,
+            max_concurrent_decodes=c.rollout.max_slots,
+            max_prefill_length=prefill,
+            max_target_length=prefill + c.rollout.max_new_tokens,
+            max_stop_tokens=max(8, len(self.stop_ids)),
+            mesh=self.mesh,
+        )
+        s, graphdef, tx = self.settings, self.graphdef, self.tx
+        self._policy_pass = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))
+        self._update = jax.jit(
+            lambda st, mb: grpo.update(st, graphdef, tx, mb, s), donate_argnums=0
+        )
+        self.checkpointer = Checkpointer(
+            os.path.join(os.path.abspath(self.workdir), "checkpoints"), c.train.max_checkpoints
+        )
+        self.start_step = 0
+        if (latest := self.checkpointer.latest_step()) is not None:
+            self.state, data_state = self.checkpointer.restore(latest, self.state)
+            self.data_iter.set_state(data_state)
+            self.start_step = int(self.state.step)
+            log.info("resumed from %s at step %d", self.checkpointer.directory, self.start_step)
+        self.metrics = MetricsWriter(
+            self.workdir, resume_step=self.start_step, enabled=jax.process_index() == 0
+        )
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _sampling(self, n: int, seed: int) -> SamplingParams:
+        r = self.config.rollout
+        return SamplingParams(
+            n=n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=seed,
+        )
+
+    def _generate(self, prompts: list[list[int]], n: int, seed: int):
+        backend = "native" if self.config.rollout.backend == "engine" else "jetstream"
+        return generate(
+            self.engine,
+            prompts,
+            self._sampling(n, seed),
+            backend=backend,
+            progress=self.config.train.progress and len(prompts) * n >= 256,
+        )
+
+    def _score(self, completions, answers: list[str], n: int):
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        result = self.reward_fn.score_batch(texts, [a for a in answers for _ in range(n)])
+        return np.asarray(result.rewards, np.float32), result
+
+    def collect(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Rollouts, rewards and advantages of one step (with DAPO dynamic sampling)."""
+        c = self.config
+        n, want = c.rollout.n, c.train.prompts_per_step
+        kept: list[tuple] = []  # (prompt, completions, rewards) per group
+        spare: list[tuple] = []
+        all_rewards, errors, epochs = [], 0, []
+        for attempt in range(c.algo.dynamic_sampling_max_batches if c.algo.dynamic_sampling else 1):
+            batch = next(self.data_iter)
+            epochs.append(batch.epoch)
+            seed = hash((c.seed, step, attempt)) % (2**31)
+            out = self._generate(batch.input_ids, n, seed)
+            flat = [comp for group in out for comp in group]
+            rewards, result = self._score(flat, batch.answers, n)
+            all_rewards.append(rewards)
+            errors += result.num_errors
+            for i, prompt in enumerate(batch.input_ids):
+                g = (prompt, out[i], rewards[i * n : (i + 1) * n])
+                informative = not c.algo.dynamic_sampling or np.ptp(g[2]) > 0
+                (kept if informative else spare).append(g)
+            if len(kept) >= want:
+                break
+        groups = (kept + spare)[:want]  # top up with uninformative groups if sampling ran dry
+        rewards = np.concatenate([g[2] for g in groups])
+        adv = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), n, c.algo.std_normalize))
+        comps = [comp for g in groups for comp in g[1]]
+        arrays = grpo.rollout_batch(
+            [g[0] for g in groups for _ in range(n)],
+            [comp.token_ids for comp in comps],
+            [comp.logprobs for comp in comps],
+            adv,
+            prompt_len=c.data.max_prompt_len,
+            response_len=c.rollout.max_new_tokens,
+            pad_id=self.pad_id,
+        )
+        lengths = np.array([len(comp.token_ids) for comp in comps])
+        sampled = np.concatenate(all_rewards)
+        info = {
+            "reward_mean": float(sampled.mean()),
+            "accuracy": float((sampled >= 1.0).mean()),
+            "reward_errors": int(errors),
+            "response_length_mean": float(lengths.mean()),
+            "response_length_max": int(lengths.max()),
+            "truncated_frac": float(np.mean([comp.finish_reason == "length" for comp in comps])),
+            "generated_tokens": int(lengths.sum()),
+            "epoch": int(max(epochs)),
+        }
+        if c.algo.dynamic_sampling:
+            info["dynamic_sampling_batches"] = len(all_rewards)
+            info["dynamic_sampling_kept_frac"] = float(min(len(kept), want) / want)
+        return arrays, info
+
+    # ------------------------------------------------------------------ training
+
+    def _device_batch(self, arrays: dict[str, np.ndarray], old_logp, ref_logp) -> grpo.Batch:
+        def put(x):
+            names = ("batch",) + (None,) * (x.ndim - 1)
+            return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
+
+        return grpo.Batch(
+            input_ids=put(arrays["input_ids"]),
+            attention_mask=put(arrays["attention_mask"]),
+            response_mask=put(arrays["response_mask"]),
+            advantages=put(arrays["advantages"]),
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+        )
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        c = self.config
+        timer = StepTimer()
+        t0 = time.perf_counter()
+        with timer("rollout"):
+            self.engine.update_params(self.state.params)
+            arrays, info = self.collect(step)
+        with timer("update"), jax.set_mesh(self.mesh):
+            zeros = jnp.zeros(arrays["response_mask"].shape, jnp.float32)
+            batch = self._device_batch(arrays, zeros, zeros)
+            logp, entropy = self._policy_pass(self.state.params, batch)
+            mask = batch.response_mask
+            old_logp = logp
+            if c.algo.old_logp_source == "sampler":
+                old_logp = jnp.asarray(arrays["sampler_logp"])
+            ref_logp = zeros
+            if self.ref_params is not None:
+                ref_logp, _ = self._policy_pass(self.ref_params, batch)
+            batch = batch._replace(old_logp=old_logp, ref_logp=ref_logp)
+            n_mini = config_lib.updates_per_step(c)
+            per_update = []
+            for k in range(n_mini):
+                size = batch.input_ids.shape[0] // n_mini
+                mini = jax.tree.map(lambda x, k=k, size=size: x[k * size : (k + 1) * size], batch)
+                self.state, m = self._update(self.state, mini)
+                per_update.append(m)
+            prev_entropy = self.state.entropy
+            self.state = self.state.replace(
+                step=self.state.step + 1, entropy=losses.masked_mean(entropy, mask)
+            )
+            sampler_gap = jnp.abs(logp - jnp.asarray(arrays["sampler_logp"])) * mask
+            adv_tok = batch.advantages[:, None] * mask
+            stats = {
+                "entropy": self.state.entropy,
+                "entropy_delta": self.state.entropy - prev_entropy,  # NaN on the first step
+                "sampler_logp_abs_diff": jnp.sum(sampler_gap) / jnp.maximum(jnp.sum(mask), 1),
+                "advantage_pos_frac": jnp.sum((adv_tok > 0) * mask) / jnp.maximum(jnp.sum(mask), 1),
+            }
+            update_metrics = jax.device_get(per_update)
+            stats = jax.device_get(stats)
+        metrics = dict(info)
+        metrics.update({k: float(v) for k, v in stats.items()})
+        for key in update_metrics[0]:
+            metrics[key] = float(np.mean([m[key] for m in update_metrics]))
+        if not c.algo.kl_coef:
+            metrics.pop("kl")
+        metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
+        metrics["time_rollout"] = timer.times["rollout"]
+        metrics["time_update"] = timer.times["update"]
+        metrics["time_step"] = time.perf_counter() - t0
+        metrics["tokens_per_s"] = info["generated_tokens"] / metrics["time_step"]
+        return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        c, prompts = self.config, self.eval_prompts
+        k = c.train.eval_n
+        ids = [list(map(int, p)) for p in prompts.input_ids]
+        answers = list(prompts.answers)
+        if c.train.eval_max_prompts:
+            ids, answers = ids[: c.train.eval_max_prompts], answers[: c.train.eval_max_prompts]
+        self.engine.update_params(self.state.params)
+        t0 = time.perf_counter()
+        out = self._generate(ids, k, seed=hash((c.seed, "eval", step)) % (2**31))
+        rewards, result = self._score([comp for g in out for comp in g], answers, k)
+        avg, pass_k = avg_and_pass_at_k(rewards.reshape(len(ids), k) >= 1.0)
+        return {
+            f"eval_avg@{k}": avg,
+            f"eval_pass@{k}": pass_k,
+            "eval_reward_errors": int(result.num_errors),
+            "time_eval": time.perf_counter() - t0,
+        }
+
+    def run(self) -> None:
+        c = self.config
+        steps = c.train.steps
+        if self.start_step >= steps:
+            log.info("training already finished at step %d (%s)", self.start_step, self.workdir)
+        bar = tqdm(
+            total=steps,
+            initial=self.start_step,
+            desc="train",
+            unit="step",
+            disable=not c.train.progress or jax.process_index() != 0,
+        )
+        try:
+            for step in range(self.start_step + 1, steps + 1):
+                metrics = self.train_step(step)
+                last = step == steps
+                if self.eval_prompts is not None and (step % c.train.eval_every == 0 or last):
+                    metrics.update(self.evaluate(step))
+                self.metrics.write(step, metrics)
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
+                )
+                if step % c.train.log_every == 0 or last:
+                    bar.write(console_line(step, steps, metrics, CONSOLE_KEYS))
+                if last or (c.train.checkpoint_every and step % c.train.checkpoint_every == 0):
+                    self.checkpointer.save(step, self.state, self.data_iter.get_state())
+        finally:
+            bar.close()
+            self.checkpointer.wait()
+            self.metrics.close()
+            self.reward_fn.close()
+        self.export()
+
+    def export(self) -> str:
+        """The final policy as a Hugging Face checkpoint in `workdir/hf/`."""
+        path = os.path.join(self.workdir, "hf")
+        model = nnx.merge(self.graphdef, self.state.params)
+        save_hf_checkpoint(model, path, tokenizer=self.tokenizer)
+        log.info("exported the policy to %s", path)
+        return path
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/grpo.py", "Experiment config file, e.g. configs/grpo.py:demo"
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax / JAX info logs
+    logging.getLogger("jaxrlvr").setLevel(logging.INFO)
+    Trainer(_CONFIG.value).run()
+
+
+if __name__ == "__main__":
+    app.run(main)
