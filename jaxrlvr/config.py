@@ -15,6 +15,10 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+INTERVENTIONS = (
+    "none", "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "pos_adv", "steer",
+)  # fmt: skip
+POS_ADV_SCHEDULES = ("constant", "stage", "epoch", "entropy_guided", "rand_pos_clip")
 PRESET_NAMES = ("demo", "qwen2.5-math-7b", "qwen2.5-math-1.5b", "qwen2.5-0.5b")
 LOSS_AGG_MODES = (
     "token-mean",
@@ -81,6 +85,25 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.algo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
     c.algo.dynamic_sampling_max_batches = 4  # prompt batches tried per step before giving up
     c.algo.old_logp_source = "trainer"  # trainer | sampler
+    # Entropy interventions (METHODS.md section 4); defaults are the reference values.
+    c.algo.intervention = "none"  # none | entropy_bonus | adaptive_entropy | clip_cov |
+    #                               kl_cov | pos_adv | steer
+    c.algo.adaptive_entropy = ml_collections.ConfigDict(
+        dict(target=0.2, delta=1e-4, alpha_min=0.0, alpha_max=0.005, alpha0=0.0)
+    )
+    c.algo.clip_cov = ml_collections.ConfigDict(dict(ratio=2e-4, lb=1.0, ub=5.0))
+    c.algo.kl_cov = ml_collections.ConfigDict(dict(ratio=2e-3, kl_coef=1.0))
+    c.algo.pos_adv = ml_collections.ConfigDict(
+        dict(
+            schedule="constant", lam=1.0, neg_weight=1.0, delta=0.2, step=0.05, lam0=0.0, ratio=2e-4
+        )
+    )
+    c.algo.steer = ml_collections.ConfigDict(
+        dict(lambda_min=0.8, lambda_max=1.0, linear=False, norm_sequences=8)
+    )
+
+    c.diagnostics = ml_collections.ConfigDict()
+    c.diagnostics.entropy_check_every = 0  # steps between Lemma-1 checks (an extra pass); 0 = off
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
@@ -182,6 +205,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     one_of("algo.old_logp_source", ("trainer", "sampler"))
     need(a.dynamic_sampling_max_batches >= 1, "algo.dynamic_sampling_max_batches", "must be >= 1")
 
+    _validate_intervention(config, need, one_of)
+
     need(r.n >= 1, "rollout.n", "must be >= 1")
     need(r.temperature > 0, "rollout.temperature", "must be > 0 for RL rollouts")
     need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
@@ -247,6 +272,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _validate_intervention(config, need, one_of) -> None:
+    a = config.algo
+    one_of("algo.intervention", INTERVENTIONS)
+    if a.intervention == "entropy_bonus":
+        need(a.entropy_coef > 0, "algo.entropy_coef", "must be > 0 with intervention=entropy_bonus")
+    elif a.intervention == "adaptive_entropy":
+        e = a.adaptive_entropy
+        need(e.target > 0, "algo.adaptive_entropy.target", "must be > 0")
+        need(e.delta >= 0, "algo.adaptive_entropy.delta", "must be >= 0")
+        need(e.alpha_min >= 0, "algo.adaptive_entropy.alpha_min", "must be >= 0")
+        need(e.alpha_min <= e.alpha_max, "algo.adaptive_entropy.alpha_max", "must be >= alpha_min")
+        need(
+            e.alpha_min <= e.alpha0 <= e.alpha_max,
+            "algo.adaptive_entropy.alpha0",
+            "must be in [alpha_min, alpha_max]",
+        )
+    elif a.intervention == "clip_cov":
+        need(0 < a.clip_cov.ratio <= 1, "algo.clip_cov.ratio", "must be in (0, 1]")
+        need(a.clip_cov.lb < a.clip_cov.ub, "algo.clip_cov.ub", "must be > algo.clip_cov.lb")
+    elif a.intervention == "kl_cov":
+        need(0 < a.kl_cov.ratio <= 1, "algo.kl_cov.ratio", "must be in (0, 1]")
+        need(a.kl_cov.kl_coef >= 0, "algo.kl_cov.kl_coef", "must be >= 0")
+    elif a.intervention == "pos_adv":
+        p = a.pos_adv
+        one_of("algo.pos_adv.schedule", POS_ADV_SCHEDULES)
+        need(0 <= p.lam <= 1, "algo.pos_adv.lam", "must be in [0, 1]")
+        need(0 <= p.lam0 <= 1, "algo.pos_adv.lam0", "must be in [0, 1]")
+        need(p.neg_weight >= 0, "algo.pos_adv.neg_weight", "must be >= 0")
+        need(p.step > 0, "algo.pos_adv.step", "must be > 0")
+        need(0 < p.ratio <= 1, "algo.pos_adv.ratio", "must be in (0, 1]")
+    elif a.intervention == "steer":
+        st = a.steer
+        need(0 < st.lambda_min <= 1, "algo.steer.lambda_min", "must be in (0, 1]")
+        need(st.lambda_max >= st.lambda_min, "algo.steer.lambda_max", "must be >= lambda_min")
+        need(
+            st.norm_sequences >= 1 and config.train.micro_batch_sequences % st.norm_sequences == 0,
+            "algo.steer.norm_sequences",
+            "must be >= 1 and divide train.micro_batch_sequences "
+            f"({config.train.micro_batch_sequences}) so groups never straddle micro-batches",
+        )
+    need(
+        config.diagnostics.entropy_check_every >= 0,
+        "diagnostics.entropy_check_every",
+        "must be >= 0 (0 = off)",
+    )
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

@@ -36,6 +36,7 @@ class Batch(NamedTuple):
     response_mask: Array  # [N, R] float32: 1 on generated tokens
     advantages: Array  # [N] float32
     old_logp: Array  # [N, R] float32
+    old_entropy: Array  # [N, R] float32: old-pass entropy (STEER's H)
     ref_logp: Array  # [N, R] float32 (zeros without a KL term)
 
 
@@ -54,10 +55,18 @@ class LossSettings:
     entropy_coef: float
     logp_chunk: int
     micro_batch: int
+    intervention: str = "none"
+    method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
+    total_steps: int = 1
+    num_epochs: int = 1
+
+    def arg(self, name: str) -> Any:
+        return dict(self.method)[name]
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> LossSettings:
+    def from_config(cls, config: ml_collections.ConfigDict, num_epochs: int = 1) -> LossSettings:
         a = config.algo
+        method = a.get(a.intervention) if a.intervention in a else None
         return cls(
             prompt_len=config.data.max_prompt_len,
             temperature=float(config.rollout.temperature),
@@ -70,7 +79,26 @@ class LossSettings:
             entropy_coef=float(a.entropy_coef),
             logp_chunk=int(config.model.logp_chunk),
             micro_batch=int(config.train.micro_batch_sequences),
+            intervention=a.intervention,
+            method=tuple(sorted(method.to_dict().items())) if method is not None else (),
+            total_steps=int(config.train.steps),
+            num_epochs=int(num_epochs),
         )
+
+
+class Controllers(NamedTuple):
+    """Per-step controllers of the interventions, carried (and checkpointed) in the state."""
+
+    lam: losses.LambdaState  # positive-advantage weight (pos_adv)
+    alpha: losses.AdaptiveEntropyState  # adaptive entropy coefficient
+
+
+class StepInputs(NamedTuple):
+    """Scalars fixed for all updates of one step, computed on device from the rollouts."""
+
+    lam: Array  # [] pos_adv lambda of this step
+    alpha: Array  # [] adaptive entropy bonus coefficient in force this step (0 when off)
+    h_hat: Array  # [] -mean(old_logp): the adaptive controller's entropy estimate
 
 
 class TrainState(struct.PyTreeNode):
@@ -79,8 +107,56 @@ class TrainState(struct.PyTreeNode):
     step: Array  # [] int32: completed training steps
     params: Any  # nnx.State of the policy's parameters
     opt_state: Any
-    rng: Array  # PRNG key threaded through the steps
+    rng: Array  # PRNG key threaded through the steps (random token selections)
     entropy: Array  # [] float32: the last step's entropy (NaN before the first step)
+    controllers: Controllers
+
+
+def init_controllers(config: ml_collections.ConfigDict) -> Controllers:
+    a = config.algo
+    return Controllers(
+        lam=losses.lambda_init(a.pos_adv.lam0 if a.pos_adv.schedule == "entropy_guided" else 0.0),
+        alpha=losses.adaptive_entropy_init(a.adaptive_entropy.alpha0),
+    )
+
+
+def step_inputs(state: TrainState, old_logp: Array, mask: Array, epoch: Array, s: LossSettings):
+    """The step's pos_adv lambda and adaptive entropy coefficient (before any update)."""
+    h_hat = losses.entropy_estimate(old_logp, mask)
+    lam = jnp.float32(1.0)
+    if s.intervention == "pos_adv":
+        lam = losses.pos_adv_lambda(
+            s.arg("schedule"),
+            state.controllers.lam,
+            lam=s.arg("lam"),
+            step=state.step,
+            total_steps=s.total_steps,
+            epoch=epoch + 1,
+            num_epochs=s.num_epochs,
+        )
+    alpha = jnp.float32(0.0)
+    if s.intervention == "adaptive_entropy":
+        alpha = losses.adaptive_entropy_coef(state.controllers.alpha, h_hat, target=s.arg("target"))
+    return StepInputs(lam=jnp.float32(lam), alpha=jnp.float32(alpha), h_hat=h_hat)
+
+
+def finish_step(state: TrainState, entropy: Array, inputs: StepInputs, s: LossSettings):
+    """Advance the step counter and update the controllers from this step's entropy."""
+    lam, alpha = state.controllers
+    if s.intervention == "pos_adv":
+        lam = losses.lambda_update(
+            s.arg("schedule"), lam, entropy, delta=s.arg("delta"), step=s.arg("step")
+        )
+    if s.intervention == "adaptive_entropy":
+        alpha = losses.adaptive_entropy_update(
+            alpha,
+            inputs.h_hat,
+            target=s.arg("target"),
+            delta=s.arg("delta"),
+            alpha_min=s.arg("alpha_min"),
+            alpha_max=s.arg("alpha_max"),
+        )
+    return state.replace(step=state.step + 1, entropy=entropy, controllers=Controllers(lam, alpha))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int):
@@ -131,57 +207,139 @@ def policy_pass(graphdef, params, batch: Batch, s: LossSettings) -> tuple[Array,
     return logp.reshape(n, -1), ent.reshape(n, -1)
 
 
-# Metrics summed over tokens (then divided by the token count) or over micro-batches.
-_TOKEN_SUMS = ("pg_clipfrac", "pg_clipfrac_lower", "approx_kl", "kl", "update_entropy")
+# Per-token metrics summed over micro-batches, then divided by the mini-batch token count.
+_TOKEN_SUMS = (
+    "pg_clipfrac", "pg_clipfrac_lower", "approx_kl", "kl", "update_entropy",
+    "intervention_frac", "weight_mean",
+)  # fmt: skip
 
 
-def loss_fn(params, graphdef, mb: Batch, norm: losses.AggNorm, s: LossSettings):
+def token_policy_loss(key, logp, mb: Batch, inputs: StepInputs, s: LossSettings):
+    """Per-token policy loss `[b, R]` with the intervention applied, and its indicators.
+
+    Returns (loss, clipped, dual_clipped, selected, weights): `selected` marks tokens an
+    intervention detached or penalised; `weights` the per-token loss weights (1 when none).
+    """
+    mask = mb.response_mask
+    adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
+    ones, zeros = jnp.ones_like(logp), jnp.zeros_like(logp)
+    if s.intervention == "clip_cov":
+        terms, selected = losses.clip_cov_token_loss(
+            key, logp, mb.old_logp, adv, mask, eps_low=s.eps_low, eps_high=s.eps_high,
+            ratio=s.arg("ratio"), lb=s.arg("lb"), ub=s.arg("ub"),
+        )  # fmt: skip
+        return terms.loss, terms.clipped, terms.dual_clipped, selected, 1.0 - selected
+    if s.intervention == "kl_cov":
+        loss, selected = losses.kl_cov_token_loss(
+            logp, mb.old_logp, adv, mask, ratio=s.arg("ratio"), kl_coef=s.arg("kl_coef")
+        )
+        return loss, zeros, zeros, selected, ones
+    terms = losses.ppo_token_loss(logp, mb.old_logp, adv, s.eps_low, s.eps_high, s.dual_clip)
+    weights, selected = ones, zeros
+    if s.intervention == "pos_adv":
+        if s.arg("schedule") == "rand_pos_clip":
+            selected = losses.rand_pos_clip_select(key, adv, mask, ratio=s.arg("ratio"))
+            weights = 1.0 - selected
+        else:
+            weights = losses.pos_adv_weights(adv, inputs.lam, s.arg("neg_weight"))
+    elif s.intervention == "steer":
+        weights = losses.steer_weights(
+            logp, mb.old_logp, mb.old_entropy, adv, mask,
+            lambda_min=s.arg("lambda_min"), lambda_max=s.arg("lambda_max"),
+            linear=s.arg("linear"), norm_sequences=s.arg("norm_sequences"),
+        )  # fmt: skip
+    weights = jax.lax.stop_gradient(weights)
+    return terms.loss * weights, terms.clipped, terms.dual_clipped, selected, weights
+
+
+def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: LossSettings):
     """The mini-batch-normalised GRPO loss of one micro-batch, and its metric sums."""
     model = nnx.merge(graphdef, params)
     logp, ent = response_logp_entropy(model, mb, s)
     mask = mb.response_mask
-    adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
-    terms = losses.ppo_token_loss(logp, mb.old_logp, adv, s.eps_low, s.eps_high, s.dual_clip)
     agg = lambda x: losses.aggregate(x, mask, s.loss_agg, norm)  # noqa: E731
-    loss = agg(terms.loss)
-    if s.entropy_coef:
-        loss -= s.entropy_coef * agg(ent)
+    token_loss, clipped, dual, selected, weights = token_policy_loss(key, logp, mb, inputs, s)
+    loss = agg(token_loss)
+    entropy_coef = s.entropy_coef + inputs.alpha
+    if s.entropy_coef or s.intervention == "adaptive_entropy":
+        loss -= entropy_coef * agg(ent)
     kl = losses.kl_penalty(logp, mb.ref_logp, s.kl_estimator)
     if s.kl_coef:
         loss += s.kl_coef * agg(kl)
     d = jax.lax.stop_gradient(losses.log_ratio(logp, mb.old_logp))
+    sg = jax.lax.stop_gradient
     sums = {
-        "pg_clipfrac": jnp.sum(terms.clipped * mask),
-        "pg_clipfrac_lower": jnp.sum(terms.dual_clipped * mask),
+        "pg_clipfrac": jnp.sum(clipped * mask),
+        "pg_clipfrac_lower": jnp.sum(dual * mask),
         "approx_kl": jnp.sum((jnp.exp(d) - 1 - d) * mask),  # k3 estimate of KL(old || new)
-        "kl": jnp.sum(jax.lax.stop_gradient(kl) * mask),
-        "update_entropy": jnp.sum(jax.lax.stop_gradient(ent) * mask),
+        "kl": jnp.sum(sg(kl) * mask),
+        "update_entropy": jnp.sum(sg(ent) * mask),
+        "intervention_frac": jnp.sum(selected * mask),
+        "weight_mean": jnp.sum(weights * mask),
     }
-    return loss, sums
+    weight_min = jnp.min(jnp.where(mask > 0, weights, jnp.inf))
+    return loss, (sums, weight_min)
 
 
-def update(state: TrainState, graphdef, tx, mini: Batch, s: LossSettings):
+def update(
+    state: TrainState, graphdef, tx, mini: Batch, inputs: StepInputs, s: LossSettings
+) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update on a mini-batch, gradients accumulated over micro-batches."""
     norm = losses.agg_norm(mini.response_mask)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    rng, key = jax.random.split(state.rng)
+    micro = _micro_batches(mini, s.micro_batch)
+    keys = jax.random.split(key, micro.input_ids.shape[0])
 
-    def micro_step(carry, mb):
-        grads, loss, sums = carry
-        (mb_loss, mb_sums), g = grad_fn(state.params, graphdef, mb, norm, s)
+    def micro_step(carry, xs):
+        grads, loss, sums, wmin = carry
+        k, mb = xs
+        (mb_loss, (mb_sums, mb_wmin)), g = grad_fn(state.params, graphdef, k, mb, norm, inputs, s)
         add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
-        return (add(grads, g), loss + mb_loss, add(sums, mb_sums)), None
+        return (add(grads, g), loss + mb_loss, add(sums, mb_sums), jnp.minimum(wmin, mb_wmin)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros(()), dict.fromkeys(_TOKEN_SUMS, jnp.zeros(())))
-    (grads, loss, sums), _ = jax.lax.scan(micro_step, init, _micro_batches(mini, s.micro_batch))
+    init = (zeros, jnp.zeros(()), dict.fromkeys(_TOKEN_SUMS, jnp.zeros(())), jnp.float32(jnp.inf))
+    (grads, loss, sums, wmin), _ = jax.lax.scan(micro_step, init, (keys, micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     tokens = jnp.maximum(jnp.sum(mini.response_mask), 1.0)
     metrics = {k: v / tokens for k, v in sums.items()} | {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
+        "weight_min": wmin,
     }
-    return state.replace(params=params, opt_state=opt_state), metrics
+    return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
+
+
+def rollout_diagnostics(batch: Batch) -> dict[str, Array]:
+    """METHODS.md section 5 statistics of a rollout batch under the old policy."""
+    mask = batch.response_mask
+    adv = jnp.broadcast_to(batch.advantages[:, None], mask.shape)
+    cov = losses.token_covariance(batch.old_logp, adv, mask)
+    return losses.cov_stats(cov, mask) | losses.advantage_stats(adv, mask)
+
+
+def entropy_check(graphdef, before, after, batch: Batch, s: LossSettings) -> dict[str, Array]:
+    """Actual vs Lemma-1-predicted entropy change of the step's updates on its rollouts."""
+    p = s.prompt_len
+
+    def one(mb):
+        def hidden(params):
+            model = nnx.merge(graphdef, params)
+            h, _ = model.hidden_states(mb.input_ids, attention_mask=mb.attention_mask)
+            return h[:, p - 1 : -1], model.unembedding()
+
+        (hb, ub), (ha, ua) = hidden(before), hidden(after)
+        return losses.token_entropy_change(
+            hb, ub, ha, ua, temperature=s.temperature, chunk_size=s.logp_chunk
+        )
+
+    actual, predicted = jax.lax.map(one, _micro_batches(batch, s.micro_batch))
+    n = batch.input_ids.shape[0]
+    return losses.entropy_change_summary(
+        actual.reshape(n, -1), predicted.reshape(n, -1), batch.response_mask
+    )
 
 
 def rollout_batch(

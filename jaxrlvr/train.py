@@ -64,6 +64,14 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+EVAL_STREAM = 1_000_003  # seeds of eval sampling, apart from the rollouts' attempts
+
+
+def derive_seed(*parts: int) -> int:
+    """A sampling seed from integers, stable across processes (unlike `hash`)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] >> 1)
+
+
 class Trainer:
     """The stateful shell around the pure update in `jaxrlvr.grpo`."""
 
@@ -120,13 +128,15 @@ class Trainer:
         self.ref_params = params if a.kl_coef > 0 else None  # frozen initial policy
         self.total_updates = config_lib.total_updates(c)
         self.tx, self.schedule = grpo.make_optimizer(c.optim, self.total_updates)
-        self.settings = grpo.LossSettings.from_config(c)
+        epochs = -(-c.train.steps // max(self.dataset.batches_per_epoch, 1))
+        self.settings = grpo.LossSettings.from_config(c, num_epochs=epochs)
         self.state = grpo.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=self.tx.init(params),
             rng=jax.random.key(c.seed),
             entropy=jnp.full((), jnp.nan, jnp.float32),
+            controllers=grpo.init_controllers(c),
         )
         prefill = max(16, 1 << (c.data.max_prompt_len - 1).bit_length())
         self.engine = Engine(
@@ -140,8 +150,12 @@ class Trainer:
         s, graphdef, tx = self.settings, self.graphdef, self.tx
         self._policy_pass = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))
         self._update = jax.jit(
-            lambda st, mb: grpo.update(st, graphdef, tx, mb, s), donate_argnums=0
+            lambda st, mb, inputs: grpo.update(st, graphdef, tx, mb, inputs, s), donate_argnums=0
         )
+        self._step_inputs = jax.jit(lambda st, lp, m, e: grpo.step_inputs(st, lp, m, e, s))
+        self._finish_step = jax.jit(lambda st, h, inputs: grpo.finish_step(st, h, inputs, s))
+        self._diagnostics = jax.jit(grpo.rollout_diagnostics)
+        self._entropy_check = jax.jit(lambda b0, b1, b: grpo.entropy_check(graphdef, b0, b1, b, s))
         self.checkpointer = Checkpointer(
             os.path.join(os.path.abspath(self.workdir), "checkpoints"), c.train.max_checkpoints
         )
@@ -194,7 +208,7 @@ class Trainer:
         for attempt in range(c.algo.dynamic_sampling_max_batches if c.algo.dynamic_sampling else 1):
             batch = next(self.data_iter)
             epochs.append(batch.epoch)
-            seed = hash((c.seed, step, attempt)) % (2**31)
+            seed = derive_seed(c.seed, step, attempt)
             out = self._generate(batch.input_ids, n, seed)
             flat = [comp for group in out for comp in group]
             rewards, result = self._score(flat, batch.answers, n)
@@ -238,7 +252,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _device_batch(self, arrays: dict[str, np.ndarray], old_logp, ref_logp) -> grpo.Batch:
+    def _device_batch(self, arrays: dict[str, np.ndarray], zeros: jax.Array) -> grpo.Batch:
+        """The rollout arrays on the mesh (batch-sharded); log-prob fields start as zeros."""
+
         def put(x):
             names = ("batch",) + (None,) * (x.ndim - 1)
             return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
@@ -248,62 +264,100 @@ class Trainer:
             attention_mask=put(arrays["attention_mask"]),
             response_mask=put(arrays["response_mask"]),
             advantages=put(arrays["advantages"]),
-            old_logp=old_logp,
-            ref_logp=ref_logp,
+            old_logp=zeros,
+            old_entropy=zeros,
+            ref_logp=zeros,
         )
 
     def train_step(self, step: int) -> dict[str, Any]:
-        c = self.config
         timer = StepTimer()
         t0 = time.perf_counter()
         with timer("rollout"):
             self.engine.update_params(self.state.params)
             arrays, info = self.collect(step)
         with timer("update"), jax.set_mesh(self.mesh):
-            zeros = jnp.zeros(arrays["response_mask"].shape, jnp.float32)
-            batch = self._device_batch(arrays, zeros, zeros)
-            logp, entropy = self._policy_pass(self.state.params, batch)
-            mask = batch.response_mask
-            old_logp = logp
-            if c.algo.old_logp_source == "sampler":
-                old_logp = jnp.asarray(arrays["sampler_logp"])
-            ref_logp = zeros
-            if self.ref_params is not None:
-                ref_logp, _ = self._policy_pass(self.ref_params, batch)
-            batch = batch._replace(old_logp=old_logp, ref_logp=ref_logp)
-            n_mini = config_lib.updates_per_step(c)
-            per_update = []
-            for k in range(n_mini):
-                size = batch.input_ids.shape[0] // n_mini
-                mini = jax.tree.map(lambda x, k=k, size=size: x[k * size : (k + 1) * size], batch)
-                self.state, m = self._update(self.state, mini)
-                per_update.append(m)
-            prev_entropy = self.state.entropy
-            self.state = self.state.replace(
-                step=self.state.step + 1, entropy=losses.masked_mean(entropy, mask)
-            )
-            sampler_gap = jnp.abs(logp - jnp.asarray(arrays["sampler_logp"])) * mask
-            adv_tok = batch.advantages[:, None] * mask
-            stats = {
-                "entropy": self.state.entropy,
-                "entropy_delta": self.state.entropy - prev_entropy,  # NaN on the first step
-                "sampler_logp_abs_diff": jnp.sum(sampler_gap) / jnp.maximum(jnp.sum(mask), 1),
-                "advantage_pos_frac": jnp.sum((adv_tok > 0) * mask) / jnp.maximum(jnp.sum(mask), 1),
-            }
-            update_metrics = jax.device_get(per_update)
-            stats = jax.device_get(stats)
-        metrics = dict(info)
-        metrics.update({k: float(v) for k, v in stats.items()})
-        for key in update_metrics[0]:
-            metrics[key] = float(np.mean([m[key] for m in update_metrics]))
-        if not c.algo.kl_coef:
-            metrics.pop("kl")
-        metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
+            metrics = self._update_step(step, arrays, info)
+        metrics = info | metrics
         metrics["time_rollout"] = timer.times["rollout"]
         metrics["time_update"] = timer.times["update"]
         metrics["time_step"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = info["generated_tokens"] / metrics["time_step"]
         return metrics
+
+    def _update_step(self, step: int, arrays: dict[str, np.ndarray], info: dict) -> dict:
+        """Old-policy pass, the step's optimizer updates and controllers, and diagnostics."""
+        c = self.config
+        zeros = jnp.zeros(arrays["response_mask"].shape, jnp.float32)
+        batch = self._device_batch(arrays, zeros)
+        logp, entropy = self._policy_pass(self.state.params, batch)
+        mask = batch.response_mask
+        sampler_logp = jnp.asarray(arrays["sampler_logp"])
+        ref_logp = zeros
+        if self.ref_params is not None:
+            ref_logp, _ = self._policy_pass(self.ref_params, batch)
+        old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
+        batch = batch._replace(old_logp=old_logp, old_entropy=entropy, ref_logp=ref_logp)
+        inputs = self._step_inputs(self.state, old_logp, mask, jnp.int32(info["epoch"]))
+        params_before = self.state.params if self._check_entropy(step) else None
+        n_mini = config_lib.updates_per_step(c)
+        size = batch.input_ids.shape[0] // n_mini
+        per_update = []
+        for k in range(n_mini):
+            mini = jax.tree.map(lambda x, k=k: x[k * size : (k + 1) * size], batch)
+            self.state, m = self._update(self.state, mini, inputs)
+            per_update.append(m)
+        step_entropy = losses.masked_mean(entropy, mask)
+        prev_entropy = self.state.entropy
+        self.state = self._finish_step(self.state, step_entropy, inputs)
+        tokens = jnp.maximum(jnp.sum(mask), 1.0)
+        stats = {
+            "entropy": step_entropy,
+            "entropy_delta": step_entropy - prev_entropy,  # NaN on the first step
+            "sampler_logp_abs_diff": jnp.sum(jnp.abs(logp - sampler_logp) * mask) / tokens,
+            **self._diagnostics(batch),
+        }
+        if params_before is not None:
+            stats |= self._entropy_check(params_before, self.state.params, batch)
+        stats, per_update, inputs = jax.device_get((stats, per_update, inputs))
+
+        metrics = {k: float(v) for k, v in stats.items()}
+        for key in per_update[0]:
+            metrics[key] = float(np.mean([m[key] for m in per_update]))
+        metrics["weight_min"] = float(np.min([m["weight_min"] for m in per_update]))
+        metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
+        if not c.algo.kl_coef:
+            metrics.pop("kl")
+        return metrics | self._method_metrics(metrics, inputs)
+
+    def _method_metrics(self, m: dict[str, float], inputs: grpo.StepInputs) -> dict:
+        """Rename the generic intervention metrics after the active method."""
+        a, frac, wmean, wmin = (
+            self.config.algo,
+            m.pop("intervention_frac"),
+            m.pop("weight_mean"),
+            m.pop("weight_min"),
+        )
+        out: dict[str, float] = {}
+        if a.intervention in ("clip_cov", "kl_cov"):
+            out[f"{a.intervention}_frac"] = frac
+        elif a.intervention == "pos_adv":
+            if a.pos_adv.schedule == "rand_pos_clip":
+                out["rand_pos_clip_frac"] = frac
+            else:
+                out["lambda"] = float(inputs.lam)
+        elif a.intervention == "steer":
+            out["steer_weight_mean"], out["steer_weight_min"] = wmean, wmin
+        elif a.intervention == "adaptive_entropy":
+            out["alpha"] = float(inputs.alpha)
+            out["entropy_estimate"] = float(inputs.h_hat)
+            out["alpha_next"] = float(self.state.controllers.alpha.alpha)
+        if a.intervention == "pos_adv" and a.pos_adv.schedule == "entropy_guided":
+            out["lambda_next"] = float(self.state.controllers.lam.lam)
+        return out
+
+    def _check_entropy(self, step: int) -> bool:
+        every = self.config.diagnostics.entropy_check_every
+        return bool(every) and step % every == 0
 
     def evaluate(self, step: int) -> dict[str, float]:
         c, prompts = self.config, self.eval_prompts
@@ -314,7 +368,7 @@ class Trainer:
             ids, answers = ids[: c.train.eval_max_prompts], answers[: c.train.eval_max_prompts]
         self.engine.update_params(self.state.params)
         t0 = time.perf_counter()
-        out = self._generate(ids, k, seed=hash((c.seed, "eval", step)) % (2**31))
+        out = self._generate(ids, k, seed=derive_seed(c.seed, step, EVAL_STREAM))
         rewards, result = self._score([comp for g in out for comp in g], answers, k)
         avg, pass_k = avg_and_pass_at_k(rewards.reshape(len(ids), k) >= 1.0)
         return {

@@ -115,6 +115,7 @@ def _random_batch(cfg, n, prompt_len, resp_len, seed=0):
         response_mask=jnp.asarray(resp_mask),
         advantages=jnp.asarray(rng.randn(n).astype(np.float32)),
         old_logp=jnp.asarray(-rng.rand(n, resp_len).astype(np.float32)),
+        old_entropy=jnp.asarray(rng.rand(n, resp_len).astype(np.float32)),
         ref_logp=jnp.asarray(-rng.rand(n, resp_len).astype(np.float32)),
     )
 
@@ -147,8 +148,11 @@ def test_micro_batch_invariance(loss_agg):
             opt_state=tx.init(params),
             rng=jax.random.key(0),
             entropy=jnp.zeros(()),
+            controllers=grpo.init_controllers(c),
         )
-        new, metrics = jax.jit(lambda st, b, s=s: grpo.update(st, graphdef, tx, b, s))(state, batch)
+        inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
+        update = jax.jit(lambda st, b, s=s: grpo.update(st, graphdef, tx, b, inputs, s))
+        new, metrics = update(state, batch)
         results.append((new.params, metrics))
     (p1, m1), (p4, m4) = results
     for a, b, p0 in zip(
@@ -184,8 +188,10 @@ def test_first_update_is_on_policy():
         opt_state=tx.init(params),
         rng=jax.random.key(0),
         entropy=jnp.zeros(()),
+        controllers=grpo.init_controllers(c),
     )
-    _, m = grpo.update(state, graphdef, tx, batch._replace(old_logp=logp), s)
+    inputs = grpo.step_inputs(state, logp, batch.response_mask, jnp.int32(0), s)
+    _, m = grpo.update(state, graphdef, tx, batch._replace(old_logp=logp), inputs, s)
     assert float(m["approx_kl"]) < 1e-10 and float(m["pg_clipfrac"]) == 0.0
 
 
