@@ -1,15 +1,16 @@
-"""GRPO (symmetric clipping, no entropy intervention).
+"""GRPO: symmetric PPO clipping, no entropy intervention (the baseline).
 
-    python -m jaxrlvr.train --config=configs/grpo.py              # the embedded demo
-    python -m jaxrlvr.train --config=configs/grpo.py:qwen2.5-math-7b \
+    python -m jaxrlvr.train --config=configs/grpo.py                    # embedded demo
+    python -m jaxrlvr.train --config=configs/grpo.py:qwen2.5-math-7b \\
         --config.model.path=/ckpt/Qwen2.5-Math-7B --config.data.train_files=/data/dapo.parquet
 """
 
-from jaxrlvr.config import base_config
+from jaxrlvr.config import base_config, parse_arg
 
 
-def get_config(preset: str = "demo"):
+def get_config(arg: str = "demo"):
+    preset, _ = parse_arg(arg)
     config = base_config(preset)
     config.name = "grpo"
-    config.algo.eps_high = config.algo.eps_low  # plain GRPO; Clip-Higher is configs/clip_higher.py
+    config.algo.eps_high = config.algo.eps_low  # Clip-Higher is configs/clip_higher.py
     return config

@@ -175,6 +175,26 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.mesh.shape = (1, 1, 1)
 
 
+def parse_arg(arg: str | None, options: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """Split a config-file argument `preset[,option...]` (either part optional).
+
+    `configs/pos_adv.py:entropy_guided` and `configs/pos_adv.py:qwen2.5-math-7b,stage` both
+    work: each comma-separated token is a model preset or one of the file's `options`.
+    """
+    preset, chosen = "demo", []
+    for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+        if token in PRESET_NAMES:
+            preset = token
+        elif token in options:
+            chosen.append(token)
+        else:
+            raise ConfigError(
+                f"config argument {token!r}: expected a preset ({', '.join(PRESET_NAMES)})"
+                + (f" or one of {', '.join(options)}" if options else "")
+            )
+    return preset, chosen
+
+
 def workdir(config: ml_collections.ConfigDict) -> str:
     return config.workdir or f"runs/{config.name}-{config.preset}"
 
@@ -195,7 +215,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(_get(config, key) in options, key, f"must be one of {', '.join(map(str, options))}")
 
     a, r, t, o = config.algo, config.rollout, config.train, config.optim
-    need(0 <= a.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
+    # eps_low = 1 (no lower clip) is allowed: the Clip-Cov reference scripts use it.
+    need(0 <= a.eps_low <= 1, "algo.eps_low", "must be in [0, 1]")
     need(a.eps_high >= 0, "algo.eps_high", "must be >= 0")
     need(a.dual_clip == 0 or a.dual_clip > 1, "algo.dual_clip", "must be 0 (off) or > 1")
     one_of("algo.loss_agg", LOSS_AGG_MODES)

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -63,7 +64,7 @@ def tiny_config(policy, workdir, **overrides):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("algo.eps_low", 1.0, r"config.algo.eps_low=1.0: must be in \[0, 1\)"),
+        ("algo.eps_low", 1.5, r"config.algo.eps_low=1.5: must be in \[0, 1\]"),
         ("rollout.n", 0, r"config.rollout.n=0: must be >= 1"),
         ("train.prompts_per_step", 30, "must be divisible by train.mini_batch_prompts=16"),
         ("algo.loss_agg", "mean", "config.algo.loss_agg='mean': must be one of token-mean"),
@@ -151,8 +152,8 @@ def test_micro_batch_invariance(loss_agg):
             controllers=grpo.init_controllers(c),
         )
         inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
-        update = jax.jit(lambda st, b, s=s: grpo.update(st, graphdef, tx, b, inputs, s))
-        new, metrics = update(state, batch)
+        update = jax.jit(lambda st, b, i, s=s: grpo.update(st, graphdef, tx, b, i, s))
+        new, metrics = update(state, batch, inputs)
         results.append((new.params, metrics))
     (p1, m1), (p4, m4) = results
     for a, b, p0 in zip(
@@ -205,8 +206,18 @@ def _comparable(rows):
 def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     from jaxrlvr import train
 
+    # The entropy-guided lambda controller changes every step: equal metrics after resume
+    # (lambda, lambda_next included) show it is checkpointed and restored with the state.
+    kw = {
+        "algo.intervention": "pos_adv",
+        "algo.pos_adv": ml_collections.ConfigDict(
+            dict(schedule="entropy_guided", lam=1.0, neg_weight=1.0, delta=2.0, step=0.25,
+                 lam0=0.5, ratio=0.1)
+        ),
+        "diagnostics.entropy_check_every": 2,
+    }  # fmt: skip
     full = tmp_path / "full"
-    train.Trainer(tiny_config(tiny_policy, full)).run()
+    train.Trainer(tiny_config(tiny_policy, full, **kw)).run()
     rows = read_metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in (
@@ -219,6 +230,9 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     assert rows[0]["entropy_delta"] is None and math.isfinite(rows[1]["entropy_delta"])
     assert "eval_avg@2" in rows[1] and "eval_pass@2" in rows[1]
     assert 0 < rows[0]["entropy"] < math.log(64)
+    assert [r["lambda"] for r in rows] == [0.5, 0.25, 0.0, 0.0]  # entropy < delta: steps down
+    assert "dH_actual" in rows[1] and "dH_corr" in rows[1] and "dH_actual" not in rows[0]
+    assert "cov_top_0.2pct" in rows[0] and "advantage_pos_frac" in rows[0]
     assert (full / "hf" / "model.safetensors").exists()
     assert (full / "hf" / "tokenizer.json").exists()
 
@@ -233,9 +247,9 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.Trainer, "train_step", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
-        train.Trainer(tiny_config(tiny_policy, part)).run()
+        train.Trainer(tiny_config(tiny_policy, part, **kw)).run()
     monkeypatch.setattr(train.Trainer, "train_step", original)
-    resumed = train.Trainer(tiny_config(tiny_policy, part))
+    resumed = train.Trainer(tiny_config(tiny_policy, part, **kw))
     assert resumed.start_step == 2
     resumed.run()
     a, b = _comparable(rows), _comparable(read_metrics(part))
@@ -247,3 +261,88 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
                 np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-7, err_msg=k)
             else:
                 assert ra[k] == rb[k], k
+
+
+@pytest.mark.parametrize(
+    "intervention, sub",
+    [
+        ("entropy_bonus", {}),
+        ("adaptive_entropy", {}),
+        ("clip_cov", {"ratio": 0.2, "lb": -1.0, "ub": 5.0}),
+        ("kl_cov", {"ratio": 0.2}),
+        ("pos_adv", {"schedule": "stage"}),
+        ("pos_adv", {"schedule": "rand_pos_clip", "ratio": 0.2}),
+        ("steer", {"norm_sequences": 2}),
+    ],
+)
+def test_every_intervention_updates(intervention, sub):
+    """Each intervention compiles into the update and reports its own metrics."""
+    c = base_config("demo")
+    c.algo.intervention = intervention
+    c.algo.entropy_coef = 0.01 if intervention == "entropy_bonus" else 0.0
+    c.algo.adaptive_entropy.target = 10.0  # bonus active
+    for k, v in sub.items():
+        c.algo[intervention][k] = v
+    c.data.max_prompt_len = 6
+    c.train.micro_batch_sequences = 4
+    cfg = preset("tiny")
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    s = grpo.LossSettings.from_config(c, num_epochs=2)
+    tx = optax.sgd(1.0)
+    state = grpo.TrainState(
+        step=jnp.int32(3),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key(0),
+        entropy=jnp.zeros(()),
+        controllers=grpo.init_controllers(c),
+    )
+    batch = _random_batch(cfg, 8, 6, 5)
+    logp, ent = grpo.policy_pass(graphdef, params, batch, s)  # near on-policy old log-probs
+    noise = 0.05 * jax.random.normal(jax.random.key(1), logp.shape)
+    batch = batch._replace(old_logp=logp + noise, old_entropy=ent)
+    inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(1), s)
+    new, m = jax.jit(lambda st, b: grpo.update(st, graphdef, tx, b, inputs, s))(state, batch)
+    assert all(np.isfinite(float(v)) for v in m.values())
+    assert float(m["grad_norm"]) > 0
+    assert not np.array_equal(jax.random.key_data(new.rng), jax.random.key_data(state.rng))
+    if intervention in ("clip_cov", "kl_cov") or sub.get("schedule") == "rand_pos_clip":
+        assert float(m["intervention_frac"]) > 0
+    if intervention == "steer":
+        assert 0.8 <= float(m["weight_min"]) < 1.0
+    if intervention == "adaptive_entropy":
+        finished = grpo.finish_step(state, jnp.float32(0.5), inputs, s)
+        assert float(finished.controllers.alpha.alpha) == pytest.approx(1e-4)  # stepped up
+    if sub.get("schedule") == "stage":  # step 3 of 500: first half, lambda 0
+        assert float(inputs.lam) == 0.0
+
+
+def test_controllers_survive_checkpoint(tmp_path):
+    from jaxrlvr.checkpointing import Checkpointer
+    from jaxrlvr.losses import AdaptiveEntropyState, LambdaState
+
+    state = grpo.TrainState(
+        step=jnp.int32(7),
+        params={"w": jnp.ones((2, 3))},
+        opt_state=(),
+        rng=jax.random.key(5),
+        entropy=jnp.float32(0.3),
+        controllers=grpo.Controllers(
+            LambdaState(jnp.float32(0.35)), AdaptiveEntropyState(jnp.float32(0.004))
+        ),
+    )
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(7, state, {"next_index": 7})
+    ckpt.wait()
+    like = state.replace(
+        step=jnp.int32(0),
+        entropy=jnp.float32(0),
+        controllers=grpo.Controllers(
+            LambdaState(jnp.float32(0)), AdaptiveEntropyState(jnp.float32(0))
+        ),
+    )
+    restored, data = Checkpointer(str(tmp_path / "ckpt")).restore(7, like)
+    assert data == {"next_index": 7} and int(restored.step) == 7
+    assert float(restored.controllers.lam.lam) == pytest.approx(0.35)
+    assert float(restored.controllers.alpha.alpha) == pytest.approx(0.004)
+    assert np.array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
