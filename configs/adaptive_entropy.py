@@ -7,7 +7,6 @@ def get_config(arg: str = "demo"):
     preset, _ = parse_arg(arg)
     config = base_config(preset)
     config.name = "adaptive_entropy"
-    config.algo.eps_high = config.algo.eps_low
     config.algo.intervention = "adaptive_entropy"
     if preset == "demo":  # the reference values (target 0.2, delta 1e-4) are for 7B runs
         e = config.algo.adaptive_entropy

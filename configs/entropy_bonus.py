@@ -7,7 +7,6 @@ def get_config(arg: str = "demo"):
     preset, _ = parse_arg(arg)
     config = base_config(preset)
     config.name = "entropy_bonus"
-    config.algo.eps_high = config.algo.eps_low
     config.algo.intervention = "entropy_bonus"
     # 1e-3 is the customary coefficient at 7B scale; the demo's tiny policy needs more.
     config.algo.entropy_coef = 0.02 if preset == "demo" else 1e-3

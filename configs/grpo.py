@@ -12,5 +12,4 @@ def get_config(arg: str = "demo"):
     preset, _ = parse_arg(arg)
     config = base_config(preset)
     config.name = "grpo"
-    config.algo.eps_high = config.algo.eps_low  # Clip-Higher is configs/clip_higher.py
     return config

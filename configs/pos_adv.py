@@ -9,17 +9,18 @@ The argument picks the schedule (and optionally the model preset), e.g.
 - `adv_neg_only`: the "Adv<=0 only" ablation (lambda = 0).
 """
 
-from jaxrlvr.config import POS_ADV_SCHEDULES, base_config, parse_arg
+from jaxrlvr.config import POS_ADV_SCHEDULES, ConfigError, base_config, parse_arg
 
 ABLATIONS = ("adv_pos_only", "adv_neg_only")
 
 
 def get_config(arg: str = "demo"):
     preset, options = parse_arg(arg, POS_ADV_SCHEDULES + ABLATIONS)
-    choice = options[-1] if options else "entropy_guided"
+    if len(options) > 1:
+        raise ConfigError(f"configs/pos_adv.py: choose one schedule, got {', '.join(options)}")
+    choice = options[0] if options else "entropy_guided"
     config = base_config(preset)
     config.name = f"pos_adv-{choice}"
-    config.algo.eps_high = config.algo.eps_low
     config.algo.intervention = "pos_adv"
     p = config.algo.pos_adv
     p.schedule = "constant" if choice in ABLATIONS else choice

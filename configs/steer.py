@@ -15,8 +15,8 @@ def get_config(arg: str = "demo"):
     config = base_config(preset)
     config.name = "steer"
     config.algo.intervention = "steer"
-    if preset == "demo":
-        config.algo.eps_high = config.algo.eps_low  # compare with the demo's GRPO
+    if preset != "demo":
+        config.algo.eps_high = 0.28  # METHODS.md section 7: STEER runs use eps 0.2 / 0.28
     if "linear" in options:
         config.name = "steer-linear"
         config.algo.steer.linear = True

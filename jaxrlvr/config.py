@@ -53,7 +53,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train_files = config_dict.placeholder(str)  # comma-separated paths or globs
     c.data.eval_files = config_dict.placeholder(str)
-    c.data.prompt_field = ""  # "" = "prompt", else "problem"; dotted paths allowed
+    c.data.prompt_field = ""  # "": `prompt` if present, else `problem`; or a dotted path
     c.data.answer_field = "answer"
     c.data.prompt_template = "qwen_chat"  # qwen_chat | dapo | raw
     c.data.max_prompt_len = 1024  # tokens; longer prompts are dropped (counted)
@@ -75,7 +75,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
 
     c.algo = ml_collections.ConfigDict()
     c.algo.eps_low = 0.2
-    c.algo.eps_high = 0.28
+    c.algo.eps_high = 0.2  # > eps_low is Clip-Higher (configs/clip_higher.py, steer.py)
     c.algo.dual_clip = 10.0  # c of the dual clip (A < 0); 0 = off
     c.algo.loss_agg = "token-mean"
     c.algo.std_normalize = True  # False = Dr. GRPO advantages
@@ -109,8 +109,8 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.optim.lr = 1e-6
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
-    c.optim.weight_decay = 0.1
-    c.optim.warmup_steps = 10  # optimizer updates of linear warm-up
+    c.optim.weight_decay = 0.0  # METHODS.md section 7 (DAPO's recipe: 0.1)
+    c.optim.warmup_steps = 0  # training steps of linear warm-up (DAPO's recipe: 10)
     c.optim.schedule = "constant"  # constant | cosine (to 0 at the last update)
     c.optim.grad_clip = 1.0  # global norm; 0 = off
 
@@ -135,12 +135,10 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     elif preset == "qwen2.5-math-1.5b":
         c.train.prompts_per_step = 128
         c.train.mini_batch_prompts = 16
-        c.rollout.max_new_tokens = 3072
     elif preset == "qwen2.5-0.5b":
         c.train.prompts_per_step = 64
         c.train.mini_batch_prompts = 16
         c.rollout.max_new_tokens = 2048
-        c.data.prompt_template = "qwen_chat"
     if preset.startswith("qwen"):
         c.model.dtype = "bfloat16"
         c.model.remat = True
@@ -159,11 +157,8 @@ def _demo(c: ml_collections.ConfigDict) -> None:
     c.rollout.n = 8
     c.rollout.max_new_tokens = 64
     c.rollout.max_slots = 128
-    c.algo.eps_high = 0.2
     c.algo.dual_clip = 3.0
     c.optim.lr = 2e-4
-    c.optim.weight_decay = 0.0
-    c.optim.warmup_steps = 0
     c.train.steps = 60
     c.train.prompts_per_step = 32
     c.train.mini_batch_prompts = 16
@@ -283,13 +278,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.preset != "demo":
         need(bool(config.model.path), "model.path", "required: a local Hugging Face checkpoint dir")
-        need(bool(split_files(config.data.train_files)), "data.train_files", "required")
+    if config.preset != "demo" or config.model.path:
+        need(
+            bool(split_files(config.data.train_files)),
+            "data.train_files",
+            "required (with a model.path the demo data is not used)",
+        )
     if config.model.path:
         need(os.path.isdir(config.model.path), "model.path", "directory does not exist")
     for key in ("data.train_files", "data.eval_files"):
         for spec in split_files(_get(config, key)):
             if not glob.glob(spec):
                 errors.append(f"config.{key}: {spec!r} matches no file")
+            elif not spec.endswith((".jsonl", ".parquet")):
+                errors.append(f"config.{key}: {spec!r} is not a .jsonl or .parquet file")
 
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
@@ -353,17 +355,12 @@ def updates_per_step(config: ml_collections.ConfigDict) -> int:
     return config.train.prompts_per_step // config.train.mini_batch_prompts
 
 
-def total_updates(config: ml_collections.ConfigDict) -> int:
-    return config.train.steps * updates_per_step(config)
-
-
 __all__ = [
     "ConfigError",
     "LOSS_AGG_MODES",
     "PRESET_NAMES",
     "base_config",
     "split_files",
-    "total_updates",
     "updates_per_step",
     "validate",
     "workdir",

@@ -159,18 +159,24 @@ def finish_step(state: TrainState, entropy: Array, inputs: StepInputs, s: LossSe
     return state.replace(step=state.step + 1, entropy=entropy, controllers=Controllers(lam, alpha))
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int):
-    """AdamW with linear warm-up then constant or cosine decay, after global-norm clipping."""
-    warmup = min(optim.warmup_steps, max(total_updates - 1, 0))
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, updates_per_step: int):
+    """AdamW with linear warm-up then constant or cosine decay, after global-norm clipping.
+
+    Warm-up is counted in training steps (as verl/DAPO do), the schedule itself in
+    optimizer updates: `updates_per_step` updates share one step's stretch of it. Cosine
+    decays to 0 at the last update.
+    """
+    total = max(total_steps * updates_per_step, 1)
+    warmup = min(optim.warmup_steps * updates_per_step, total - 1)
     if optim.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, optim.lr, max(warmup, 1) if warmup else 0, max(total_updates, warmup + 1)
-        )
-    else:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total - 1, 1))
+    elif warmup:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)],
             [warmup],
-        ) if warmup else optax.constant_schedule(optim.lr)  # fmt: skip
+        )
+    else:
+        schedule = optax.constant_schedule(optim.lr)
     adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
     chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
     return optax.chain(*chain, adamw), schedule

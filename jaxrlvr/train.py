@@ -9,6 +9,7 @@ rerun of the same command resume; the final policy is exported to `workdir/hf/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -62,6 +63,34 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
     return tuple(sorted(ids))
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool) -> None:
+    """Write `workdir/config.json`; on resume, warn about every key that changed."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json())
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            before = _flatten(json.load(f))
+        now = _flatten(current)
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                log.warning(
+                    "resuming with config.%s = %r (was %r)", key, now.get(key), before.get(key)
+                )
+    with open(path, "w") as f:
+        json.dump(current, f, indent=2)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 EVAL_STREAM = 1_000_003  # seeds of eval sampling, apart from the rollouts' attempts
@@ -126,8 +155,9 @@ class Trainer:
         )
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.ref_params = params if a.kl_coef > 0 else None  # frozen initial policy
-        self.total_updates = config_lib.total_updates(c)
-        self.tx, self.schedule = grpo.make_optimizer(c.optim, self.total_updates)
+        self.tx, self.schedule = grpo.make_optimizer(
+            c.optim, c.train.steps, config_lib.updates_per_step(c)
+        )
         epochs = -(-c.train.steps // max(self.dataset.batches_per_epoch, 1))
         self.settings = grpo.LossSettings.from_config(c, num_epochs=epochs)
         self.state = grpo.TrainState(
@@ -165,6 +195,8 @@ class Trainer:
             self.data_iter.set_state(data_state)
             self.start_step = int(self.state.step)
             log.info("resumed from %s at step %d", self.checkpointer.directory, self.start_step)
+        if jax.process_index() == 0:
+            record_config(config, self.workdir, resuming=self.start_step > 0)
         self.metrics = MetricsWriter(
             self.workdir, resume_step=self.start_step, enabled=jax.process_index() == 0
         )

@@ -182,7 +182,7 @@ def test_first_update_is_on_policy():
         jax.nn.log_softmax(logits[:, 5:-1]), batch.input_ids[:, 6:, None], axis=-1
     )[..., 0]
     np.testing.assert_allclose(logp, ref, rtol=1e-5, atol=1e-6)
-    tx, _ = grpo.make_optimizer(c.optim, 10)
+    tx, _ = grpo.make_optimizer(c.optim, 10, 1)
     state = grpo.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
