@@ -461,6 +461,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if os.environ.get("JAXRLVR_DISTRIBUTED") == "1":  # multi-host slice (launch/)
+        jax.distributed.initialize()
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax / JAX info logs
     logging.getLogger("jaxrlvr").setLevel(logging.INFO)
     Trainer(_CONFIG.value).run()
