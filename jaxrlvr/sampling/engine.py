@@ -1,0 +1,595 @@
+"""A JetStream-style decoding engine for `Qwen2`: prefill, insert, generate over slots.
+
+The engine follows the contract of `jetstream.engine.engine_api.Engine` (see
+`docs/sampling.md`; `jaxrlvr.sampling.jetstream` wraps it as a real subclass):
+
+- `prefill` runs one prompt, right-padded to a power-of-two bucket, into a `[1, P]`
+  prefix KV cache and samples its first token.
+- `insert` copies a prefix into one slot of the decode state, a preallocated `[B, S]` KV
+  cache sharded on the mesh (B = `max_concurrent_decodes` slots, S =
+  `max_target_length` positions; cache slot index == token position).
+- `generate` advances every slot by one token, each at its own position. `generate_steps`
+  runs up to `decode_steps` of them in one compiled loop (one host round trip), stopping
+  early once `refill_at` slots have finished so that a driver can refill them promptly.
+
+The hot functions are pure functions of `(graphdef, params, ...)`, jit-compiled once per
+model architecture and shape (shared by every engine over an equal `graphdef`) with the
+decode state donated. Every request carries its own PRNG key; the key of its t-th
+generated token is `fold_in(key, t)`, so samples do not depend on which slot, batch or
+schedule they ran in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxrlvr.models.qwen2 import CACHE_AXES, KVCache, Qwen2, init_cache
+from jaxrlvr.sampling.sample import sample_tokens
+from jaxrlvr.sharding import make_mesh, named_sharding, state_shardings
+
+Array = jax.Array
+Params = Any  # an nnx.State of the model's parameters
+
+
+class RequestParams(NamedTuple):
+    """Per-request decoding settings (host numpy scalars or device arrays)."""
+
+    key: Any  # [2] uint32 raw PRNG key of the request
+    temperature: Any  # [] float32; <= 0 is greedy
+    top_p: Any  # [] float32 in (0, 1]
+    top_k: Any  # [] int32; 0 = off
+    max_new_tokens: Any  # [] int32
+    stop_ids: Any  # [NS] int32, padded with -1
+
+
+class Prefix(NamedTuple):
+    """The result of `prefill`: a prompt's KV cache and its first sampled token."""
+
+    cache: KVCache  # [1, P, K, Dh] per layer
+    logits: Array  # [V] float32: next-token logits after the prompt
+    length: Any  # [] int32: true prompt length (cache slot of the first generated token)
+    token: Any  # [] int32: first generated token
+    logprob: Any  # [] float32: its log-prob (temperature-scaled, untruncated)
+    request: RequestParams
+
+
+class DecodeState(NamedTuple):
+    """Everything `generate` transforms; every field has the slot axis B first."""
+
+    cache: KVCache  # [B, S, K, Dh] per layer
+    tokens: Array  # [B] int32: last generated token (the next step's input)
+    pos: Array  # [B] int32: cache slot of `tokens`
+    num_generated: Array  # [B] int32: tokens generated so far by the slot's request
+    active: Array  # [B] bool: the slot holds an unfinished request
+    logprobs: Array  # [B] float32: log-prob of `tokens`
+    keys: Array  # [B, 2] uint32: request PRNG keys
+    temperature: Array  # [B] float32
+    top_p: Array  # [B] float32
+    top_k: Array  # [B] int32
+    max_new_tokens: Array  # [B] int32
+    stop_ids: Array  # [B, NS] int32
+
+
+class StepResult(NamedTuple):
+    """Tokens of `num_steps` decoding steps; row i of each array is step i."""
+
+    tokens: Array  # [k, B] int32
+    logprobs: Array  # [k, B] float32
+    valid: Array  # [k, B] bool: the slot produced a token at this step
+    done: Array  # [k, B] bool: ...and that token finished its request
+    num_steps: Array  # [] int32: steps actually run (<= k)
+
+
+def _check(cond: bool, field: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}={value!r}: {why}")
+
+
+def validate_sampling(
+    temperature: float, top_p: float, top_k: int, max_new_tokens: int, prefix: str = ""
+) -> None:
+    """Raise a `ValueError` naming the field for an out-of-range decoding setting."""
+    t = float(temperature)
+    _check(math.isfinite(t) and t >= 0, f"{prefix}temperature", temperature, "must be >= 0")
+    p = float(top_p)
+    _check(0.0 < p <= 1.0, f"{prefix}top_p", top_p, "must be in (0, 1]")
+    _check(
+        isinstance(top_k, (int, np.integer)) and top_k >= 0,
+        f"{prefix}top_k",
+        top_k,
+        "must be an int >= 0 (0 = off)",
+    )
+    _check(
+        isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1,
+        f"{prefix}max_new_tokens",
+        max_new_tokens,
+        "must be an int >= 1",
+    )
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def _in_stop(tokens: Array, stop_ids: Array) -> Array:
+    """tokens `[...]`, stop_ids `[..., NS]` (-1 padded) -> `[...]` bool."""
+    return jnp.any((tokens[..., None] == stop_ids) & (stop_ids >= 0), axis=-1)
+
+
+def _prefill(graphdef, params, tokens, true_length, request):
+    """tokens `[1, P]` right-padded, true_length `[]` -> `Prefix` (first token sampled)."""
+    model: Qwen2 = nnx.merge(graphdef, params)
+    p = tokens.shape[1]
+    cache = init_cache(model.config, 1, p)
+    hidden, cache = model.hidden_states(
+        tokens, cache=cache, cache_index=jnp.zeros((1,), jnp.int32)
+    )  # [1, P, D]
+    last = jax.lax.dynamic_slice_in_dim(hidden, true_length - 1, 1, axis=1)  # [1, 1, D]
+    logits = model.logits(last)[0, 0]  # [V]
+    key = jax.random.fold_in(request.key, 0)
+    tok, lp = sample_tokens(
+        logits[None],
+        key[None],
+        request.temperature[None],
+        request.top_p[None],
+        request.top_k[None],
+    )
+    return Prefix(cache, logits, true_length, tok[0], lp[0], request)
+
+
+def _first_tokens(logits, requests: RequestParams):
+    """First tokens of n requests sharing one prefix: logits `[V]`, fields `[n, ...]`."""
+    n = requests.key.shape[0]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(requests.key, 0)
+    return sample_tokens(
+        jnp.broadcast_to(logits, (n, logits.shape[0])),
+        keys,
+        requests.temperature,
+        requests.top_p,
+        requests.top_k,
+    )
+
+
+def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
+    """Copy `prefix` into slot `slot` (a traced int) of the decode state."""
+    s = state.cache.max_length
+
+    def put(c, p):  # c [B, S, K, Dh], p [1, P, K, Dh]
+        return jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (slot, 0, 0, 0))
+
+    cache = KVCache(
+        tuple(map(put, state.cache.k, prefix.cache.k)),
+        tuple(map(put, state.cache.v, prefix.cache.v)),
+    )
+    r = prefix.request
+    stop_ids = jnp.asarray(r.stop_ids, jnp.int32)
+    # Finished at its first token: a stop token, a budget of one, or no room to feed it.
+    done = _in_stop(prefix.token, stop_ids) | (r.max_new_tokens <= 1) | (prefix.length >= s)
+
+    def set_(arr, value):
+        return arr.at[slot].set(jnp.asarray(value, arr.dtype))
+
+    return DecodeState(
+        cache=cache,
+        tokens=set_(state.tokens, prefix.token),
+        pos=set_(state.pos, prefix.length),
+        num_generated=set_(state.num_generated, 1),
+        active=set_(state.active, ~done),
+        logprobs=set_(state.logprobs, prefix.logprob),
+        keys=set_(state.keys, r.key),
+        temperature=set_(state.temperature, r.temperature),
+        top_p=set_(state.top_p, r.top_p),
+        top_k=set_(state.top_k, r.top_k),
+        max_new_tokens=set_(state.max_new_tokens, r.max_new_tokens),
+        stop_ids=set_(state.stop_ids, stop_ids),
+    )
+
+
+def _decode_step(model: Qwen2, state: DecodeState) -> tuple[DecodeState, tuple[Array, ...]]:
+    """One token for every slot; inactive slots compute but change nothing."""
+    s = state.cache.max_length
+    logits, cache = model(
+        state.tokens[:, None], cache=state.cache, cache_index=state.pos
+    )  # [B, 1, V]
+    keys = jax.vmap(jax.random.fold_in)(state.keys, state.num_generated)  # [B, 2]
+    tok, lp = sample_tokens(logits[:, 0], keys, state.temperature, state.top_p, state.top_k)
+    active = state.active
+    num_generated = state.num_generated + active.astype(jnp.int32)
+    new_pos = state.pos + 1  # cache slot of the new token, fed at the next step
+    done = active & (
+        _in_stop(tok, state.stop_ids) | (num_generated >= state.max_new_tokens) | (new_pos >= s)
+    )
+    new = state._replace(
+        cache=cache,
+        tokens=jnp.where(active, tok, state.tokens),
+        pos=jnp.where(active, jnp.minimum(new_pos, s - 1), state.pos),
+        num_generated=num_generated,
+        active=active & ~done,
+        logprobs=jnp.where(active, lp, state.logprobs),
+    )
+    return new, (tok, lp, active, done)
+
+
+def _generate(graphdef, params, state: DecodeState, refill_at, num_steps: int):
+    """Up to `num_steps` decode steps; stops early when no slot is active or once
+    `refill_at` slots have finished. Returns `(state, StepResult)`."""
+    model: Qwen2 = nnx.merge(graphdef, params)
+    b = state.tokens.shape[0]
+    out = StepResult(
+        tokens=jnp.zeros((num_steps, b), jnp.int32),
+        logprobs=jnp.zeros((num_steps, b), jnp.float32),
+        valid=jnp.zeros((num_steps, b), bool),
+        done=jnp.zeros((num_steps, b), bool),
+        num_steps=jnp.zeros((), jnp.int32),
+    )
+
+    def cond(carry):
+        i, st, _, freed = carry
+        return (i < num_steps) & jnp.any(st.active) & (freed < refill_at)
+
+    def body(carry):
+        i, st, res, freed = carry
+        st, (tok, lp, valid, done) = _decode_step(model, st)
+        res = res._replace(
+            tokens=res.tokens.at[i].set(tok),
+            logprobs=res.logprobs.at[i].set(lp),
+            valid=res.valid.at[i].set(valid),
+            done=res.done.at[i].set(done),
+        )
+        return i + 1, st, res, freed + jnp.sum(done, dtype=jnp.int32)
+
+    i, state, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, jnp.int32(0)))
+    return state, out._replace(num_steps=i)
+
+
+def _init_state(cfg, b: int, s: int, ns: int, cache_dtype) -> DecodeState:
+    z = functools.partial(jnp.zeros, (b,))
+    return DecodeState(
+        cache=init_cache(cfg, b, s, cache_dtype),
+        tokens=z(jnp.int32),
+        pos=z(jnp.int32),
+        num_generated=z(jnp.int32),
+        active=z(bool),
+        logprobs=z(jnp.float32),
+        keys=jnp.zeros((b, 2), jnp.uint32),
+        temperature=z(jnp.float32),
+        top_p=jnp.ones((b,), jnp.float32),
+        top_k=z(jnp.int32),
+        max_new_tokens=z(jnp.int32),
+        stop_ids=jnp.full((b, ns), -1, jnp.int32),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _init_jit(cfg, b: int, s: int, ns: int, cache_dtype, shardings: DecodeState):
+    """The jitted constructor of an empty decode state placed on `shardings`."""
+    return jax.jit(
+        functools.partial(_init_state, cfg, b, s, ns, cache_dtype), out_shardings=shardings
+    )
+
+
+class _Compiled(NamedTuple):
+    prefill: Any
+    first_tokens: Any
+    insert: Any
+    generate: Any
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef) -> _Compiled:
+    """Jitted hot functions for one model architecture, shared by all its engines."""
+    return _Compiled(
+        prefill=jax.jit(functools.partial(_prefill, graphdef)),
+        first_tokens=jax.jit(_first_tokens),
+        insert=jax.jit(_insert, donate_argnums=(1,)),
+        generate=jax.jit(
+            functools.partial(_generate, graphdef), static_argnums=(3,), donate_argnums=(1,)
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Decoding engine over `Qwen2` (JetStream `Engine` contract; see module docstring).
+
+    Args:
+      model: the `Qwen2` whose architecture (and initial parameters) the engine serves.
+      max_concurrent_decodes: number of decode slots B.
+      max_prefill_length: longest prompt; prompts are padded to power-of-two buckets
+        between `min_prefill_bucket` and this.
+      max_target_length: KV-cache positions S per slot (prompt + generated tokens);
+        default `max_prefill_length + 1024`.
+      decode_steps: decode steps per `generate_steps` call (per host round trip).
+      max_stop_tokens: capacity of the per-slot stop-token list.
+      cache_dtype: KV-cache dtype (default: the model's compute dtype).
+      mesh: device mesh for parameters and KV cache (default: all devices on 'fsdp').
+    """
+
+    def __init__(
+        self,
+        model: Qwen2,
+        *,
+        max_concurrent_decodes: int,
+        max_prefill_length: int,
+        max_target_length: int | None = None,
+        decode_steps: int = 8,
+        min_prefill_bucket: int = 16,
+        max_stop_tokens: int = 8,
+        cache_dtype: Any = None,
+        mesh: Mesh | None = None,
+    ):
+        def positive(name, v):
+            _check(isinstance(v, (int, np.integer)) and v >= 1, name, v, "must be an int >= 1")
+
+        positive("max_concurrent_decodes", max_concurrent_decodes)
+        positive("max_prefill_length", max_prefill_length)
+        positive("decode_steps", decode_steps)
+        positive("min_prefill_bucket", min_prefill_bucket)
+        positive("max_stop_tokens", max_stop_tokens)
+        if max_target_length is None:
+            max_target_length = max_prefill_length + 1024
+        _check(
+            isinstance(max_target_length, (int, np.integer))
+            and max_target_length > max_prefill_length,
+            "max_target_length",
+            max_target_length,
+            f"must be an int > max_prefill_length={max_prefill_length}",
+        )
+        self.config = model.config
+        self._graphdef, params = nnx.split(model)
+        self._fns = _compiled(self._graphdef)
+        self._mesh = make_mesh() if mesh is None else mesh
+        self._slots = int(max_concurrent_decodes)
+        self._max_prefill = int(max_prefill_length)
+        self._max_target = int(max_target_length)
+        self.decode_steps = int(decode_steps)
+        self.max_stop_tokens = int(max_stop_tokens)
+        self._cache_dtype = cache_dtype
+        buckets, b = [], min(next_power_of_two(min_prefill_bucket), self._max_prefill)
+        while b < self._max_prefill:
+            buckets.append(b)
+            b *= 2
+        self.prefill_buckets: tuple[int, ...] = (*buckets, self._max_prefill)
+        self._param_shardings = state_shardings(params, self._mesh)
+        self._param_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        self._state_shardings = self._decode_state_shardings()
+        self.params: Params = self.update_params(params)
+
+    # -- JetStream Engine contract ---------------------------------------------------
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def max_target_length(self) -> int:
+        return self._max_target
+
+    @property
+    def samples_per_slot(self) -> int:
+        return 1
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh
+
+    def load_params(self, *args, **kwargs) -> Params:
+        """The engine's parameters, placed on its mesh (`update_params` replaces them)."""
+        return self.params
+
+    def init_decode_state(self, *args, **kwargs) -> DecodeState:
+        """An empty decode state (all slots free), sharded on the mesh."""
+        fn = _init_jit(
+            self.config,
+            self._slots,
+            self._max_target,
+            self.max_stop_tokens,
+            self._cache_dtype,
+            self._state_shardings,
+        )
+        with jax.set_mesh(self._mesh):
+            return fn()
+
+    def prefill(
+        self,
+        *,
+        params: Params,
+        padded_tokens: Any,
+        true_length: int,
+        existing_prefix: Prefix | None = None,
+        request: RequestParams | None = None,
+    ) -> Prefix:
+        """Run one prompt (`[P]` right-padded to a bucket) and sample its first token.
+
+        `request` sets the decoding of this request (default: greedy, no stop tokens, the
+        whole cache as budget); see `make_request`.
+        """
+        if existing_prefix is not None:
+            raise NotImplementedError("prefill with an existing_prefix is not supported")
+        tokens = np.asarray(padded_tokens, np.int32).reshape(1, -1)
+        p = tokens.shape[1]
+        if p not in self.prefill_buckets:
+            raise ValueError(
+                f"padded_tokens has length {p}; expected one of the prefill buckets "
+                f"{self.prefill_buckets} (use Engine.pad)"
+            )
+        _check(0 < int(true_length) <= p, "true_length", true_length, f"must be in [1, {p}]")
+        request = self.make_request() if request is None else request
+        with jax.set_mesh(self._mesh):
+            return self._fns.prefill(params, tokens, np.int32(true_length), request)
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        """Put a prefix (its cache, first token and request) into slot `slot`.
+
+        The decode state is donated: use the returned one.
+        """
+        _check(0 <= int(slot) < self._slots, "slot", slot, f"must be in [0, {self._slots})")
+        with jax.set_mesh(self._mesh):
+            return self._fns.insert(prefix, decode_state, np.int32(slot))
+
+    def generate(self, params: Params, decode_state: DecodeState) -> tuple[DecodeState, StepResult]:
+        """One decoding step for every slot (the JetStream `generate`); state donated."""
+        return self.generate_steps(params, decode_state, num_steps=1)
+
+    def free_resource(self, slot: int) -> None:
+        """Nothing to free: slots are overwritten by the next `insert`."""
+        return None
+
+    def get_prefix_destination_sharding(self) -> Any:
+        """None: prefill and generate run on the same engine and mesh, nothing moves."""
+        return None
+
+    # -- beyond the contract ---------------------------------------------------------
+
+    def generate_steps(
+        self,
+        params: Params,
+        decode_state: DecodeState,
+        num_steps: int | None = None,
+        refill_at: int | None = None,
+    ) -> tuple[DecodeState, StepResult]:
+        """Up to `num_steps` (default `decode_steps`) steps in one compiled loop.
+
+        Returns early when no slot is active, or once `refill_at` slots have finished
+        (default: never early). The decode state is donated.
+        """
+        k = self.decode_steps if num_steps is None else int(num_steps)
+        refill = self._slots + 1 if refill_at is None else int(refill_at)
+        with jax.set_mesh(self._mesh):
+            return self._fns.generate(params, decode_state, np.int32(refill), k)
+
+    def fork(self, prefix: Prefix, requests: Sequence[RequestParams]) -> list[Prefix]:
+        """One prefix per request, all sharing `prefix`'s cache, each with its own first
+        token sampled from the prefix logits under that request (n samples, one prefill).
+
+        First tokens and log-probs come back as host numpy scalars.
+        """
+        if not requests:
+            return []
+        stacked = RequestParams(*(np.stack(f) for f in zip(*requests, strict=True)))
+        with jax.set_mesh(self._mesh):
+            toks, lps = jax.device_get(self._fns.first_tokens(prefix.logits, stacked))
+        return [
+            prefix._replace(token=np.int32(t), logprob=np.float32(lp), request=r)
+            for t, lp, r in zip(toks, lps, requests, strict=True)
+        ]
+
+    def update_params(self, params: Params) -> Params:
+        """Install new parameters (e.g. from the trainer); returns them as placed.
+
+        `params` is an NNX `State` of the model (or the module itself). Parameters with the
+        engine's shardings are used as they are; others (a trainer on a different mesh)
+        are resharded onto the engine's mesh. Shapes and dtypes must match the model's, so
+        nothing is recompiled.
+        """
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        if jax.tree.structure(params) != jax.tree.structure(self._param_avals):
+            raise ValueError("update_params: parameter tree does not match the engine's model")
+        for new, old in zip(
+            jax.tree.leaves(params), jax.tree.leaves(self._param_avals), strict=True
+        ):
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise ValueError(
+                    f"update_params: a parameter of shape {tuple(new.shape)} {new.dtype} where "
+                    f"the model has {tuple(old.shape)} {old.dtype}"
+                )
+        self.params = jax.tree.map(_place, params, self._param_shardings)
+        return self.params
+
+    def make_request(
+        self,
+        key: Any = None,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+    ) -> RequestParams:
+        """Validated host-side `RequestParams` (`key`: a raw `[2]` uint32 key or an int seed)."""
+        budget = self._max_target if max_new_tokens is None else max_new_tokens
+        validate_sampling(temperature, top_p, top_k, budget)
+        stop = list(stop_token_ids)
+        if len(stop) > self.max_stop_tokens:
+            raise ValueError(
+                f"stop_token_ids has {len(stop)} ids; this engine holds at most "
+                f"max_stop_tokens={self.max_stop_tokens}"
+            )
+        if key is None:
+            key = 0
+        if isinstance(key, (int, np.integer)):
+            key = jax.random.PRNGKey(int(key))
+        ids = np.full((self.max_stop_tokens,), -1, np.int32)
+        ids[: len(stop)] = stop
+        return RequestParams(
+            key=np.asarray(key, np.uint32).reshape(2),
+            temperature=np.float32(temperature),
+            top_p=np.float32(top_p),
+            top_k=np.int32(top_k),
+            max_new_tokens=np.int32(min(budget, np.iinfo(np.int32).max)),
+            stop_ids=ids,
+        )
+
+    def bucket(self, length: int) -> int:
+        """The prefill bucket for a prompt of `length` tokens."""
+        _check(
+            0 < length <= self._max_prefill,
+            "prompt length",
+            length,
+            f"must be in [1, max_prefill_length={self._max_prefill}]",
+        )
+        return next(b for b in self.prefill_buckets if b >= length)
+
+    def pad(self, prompt: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Right-pad a prompt to its bucket: `([P] int32, true_length)`."""
+        n = len(prompt)
+        out = np.zeros((self.bucket(n),), np.int32)
+        out[:n] = prompt
+        return out, n
+
+    # -- internals -------------------------------------------------------------------
+
+    def _decode_state_shardings(self) -> DecodeState:
+        abstract = jax.eval_shape(
+            functools.partial(
+                _init_state,
+                self.config,
+                self._slots,
+                self._max_target,
+                self.max_stop_tokens,
+                self._cache_dtype,
+            )
+        )
+
+        def spec(path, x):
+            if path and getattr(path[0], "name", None) == "cache":
+                return named_sharding(self._mesh, CACHE_AXES, x.shape)
+            return named_sharding(self._mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
+
+        return jax.tree_util.tree_map_with_path(spec, abstract)
+
+
+def _place(x: Array, sharding) -> Array:
+    """`x` on `sharding`, without a copy when it is already there."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    return jax.device_put(x, sharding)
