@@ -330,7 +330,9 @@ class Trainer:
         old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
         batch = batch._replace(old_logp=old_logp, old_entropy=entropy, ref_logp=ref_logp)
         inputs = self._step_inputs(self.state, old_logp, mask, jnp.int32(info["epoch"]))
-        params_before = self.state.params if self._check_entropy(step) else None
+        params_before = None
+        if self._check_entropy(step):  # a copy: the updates donate the state's buffers
+            params_before = jax.tree.map(jnp.copy, self.state.params)
         n_mini = config_lib.updates_per_step(c)
         size = batch.input_ids.shape[0] // n_mini
         per_update = []

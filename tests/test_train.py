@@ -211,7 +211,7 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     kw = {
         "algo.intervention": "pos_adv",
         "algo.pos_adv": ml_collections.ConfigDict(
-            dict(schedule="entropy_guided", lam=1.0, neg_weight=1.0, delta=2.0, step=0.25,
+            dict(schedule="entropy_guided", lam=1.0, neg_weight=1.0, delta=5.0, step=0.25,
                  lam0=0.5, ratio=0.1)
         ),
         "diagnostics.entropy_check_every": 2,
@@ -230,7 +230,7 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     assert rows[0]["entropy_delta"] is None and math.isfinite(rows[1]["entropy_delta"])
     assert "eval_avg@2" in rows[1] and "eval_pass@2" in rows[1]
     assert 0 < rows[0]["entropy"] < math.log(64)
-    assert [r["lambda"] for r in rows] == [0.5, 0.25, 0.0, 0.0]  # entropy < delta: steps down
+    assert [r["lambda"] for r in rows] == [0.5, 0.25, 0.0, 0.0]  # entropy < delta = 5 > ln(V): steps down
     assert "dH_actual" in rows[1] and "dH_corr" in rows[1] and "dH_actual" not in rows[0]
     assert "cov_top_0.2pct" in rows[0] and "advantage_pos_frac" in rows[0]
     assert (full / "hf" / "model.safetensors").exists()
