@@ -10,5 +10,5 @@ def get_config(arg: str = "demo"):
     config.algo.intervention = "adaptive_entropy"
     if preset == "demo":  # the reference values (target 0.2, delta 1e-4) are for 7B runs
         e = config.algo.adaptive_entropy
-        e.target, e.delta, e.alpha_max = 0.4, 2e-3, 0.05
+        e.target, e.delta, e.alpha_max = 0.1, 2e-3, 0.05  # the demo's entropy scale
     return config

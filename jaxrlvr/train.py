@@ -222,7 +222,7 @@ class Trainer:
             prompts,
             self._sampling(n, seed),
             backend=backend,
-            progress=self.config.train.progress and len(prompts) * n >= 256,
+            progress=self.config.train.progress and len(prompts) * n >= 1024,
         )
 
     def _score(self, completions, answers: list[str], n: int):
@@ -425,6 +425,8 @@ class Trainer:
             disable=not c.train.progress or jax.process_index() != 0,
         )
         try:
+            if self.start_step == 0 and self.eval_prompts is not None:
+                self.metrics.write(0, self.evaluate(0))  # the base policy, for reference
             for step in range(self.start_step + 1, steps + 1):
                 metrics = self.train_step(step)
                 last = step == steps

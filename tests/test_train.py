@@ -219,7 +219,9 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train.Trainer(tiny_config(tiny_policy, full, **kw)).run()
     rows = read_metrics(full)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert "eval_avg@2" in rows[0] and "entropy" not in rows[0]  # the base policy's eval
+    rows = rows[1:]
     for key in (
         "entropy", "reward_mean", "accuracy", "response_length_mean", "response_length_max",
         "truncated_frac", "pg_clipfrac", "pg_clipfrac_lower", "approx_kl", "grad_norm", "lr",
@@ -252,7 +254,7 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     resumed = train.Trainer(tiny_config(tiny_policy, part, **kw))
     assert resumed.start_step == 2
     resumed.run()
-    a, b = _comparable(rows), _comparable(read_metrics(part))
+    a, b = _comparable(rows), _comparable(read_metrics(part)[1:])
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         assert ra.keys() == rb.keys()
