@@ -60,6 +60,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=10, help="steps averaged for final values")
     p.add_argument("--workdir", default="runs/methods")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="extra config override for every run, e.g. --set train.mini_batch_prompts=8",
+    )  # fmt: skip
     args = p.parse_args()
 
     chosen = METHODS if args.methods == "all" else {
@@ -74,6 +78,7 @@ def main() -> None:
         ]  # fmt: skip
         if args.steps:
             cmd.append(f"--config.train.steps={args.steps}")
+        cmd += [f"--config.{kv}" for kv in args.set]
         print(f"[{label}] {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
