@@ -120,6 +120,18 @@ def init_controllers(config: ml_collections.ConfigDict) -> Controllers:
     )
 
 
+def init_state(params, tx, config: ml_collections.ConfigDict, step: int = 0) -> TrainState:
+    """The train state before the first step: fresh optimizer, PRNG key from `config.seed`."""
+    return TrainState(
+        step=jnp.int32(step),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key(config.seed),
+        entropy=jnp.full((), jnp.nan, jnp.float32),
+        controllers=init_controllers(config),
+    )
+
+
 def step_inputs(state: TrainState, old_logp: Array, mask: Array, epoch: Array, s: LossSettings):
     """The step's pos_adv lambda and adaptive entropy coefficient (before any update)."""
     h_hat = losses.entropy_estimate(old_logp, mask)

@@ -160,14 +160,7 @@ class Trainer:
         )
         epochs = -(-c.train.steps // max(self.dataset.batches_per_epoch, 1))
         self.settings = grpo.LossSettings.from_config(c, num_epochs=epochs)
-        self.state = grpo.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=self.tx.init(params),
-            rng=jax.random.key(c.seed),
-            entropy=jnp.full((), jnp.nan, jnp.float32),
-            controllers=grpo.init_controllers(c),
-        )
+        self.state = grpo.init_state(params, self.tx, c)
         prefill = max(16, 1 << (c.data.max_prompt_len - 1).bit_length())
         self.engine = Engine(
             model,

@@ -143,14 +143,7 @@ def test_micro_batch_invariance(loss_agg):
     for micro in (8, 2):
         c.train.micro_batch_sequences = micro
         s = grpo.LossSettings.from_config(c)
-        state = grpo.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key(0),
-            entropy=jnp.zeros(()),
-            controllers=grpo.init_controllers(c),
-        )
+        state = grpo.init_state(params, tx, c)
         inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
         update = jax.jit(lambda st, b, i, s=s: grpo.update(st, graphdef, tx, b, i, s))
         new, metrics = update(state, batch, inputs)
@@ -183,14 +176,7 @@ def test_first_update_is_on_policy():
     )[..., 0]
     np.testing.assert_allclose(logp, ref, rtol=1e-5, atol=1e-6)
     tx, _ = grpo.make_optimizer(c.optim, 10, 1)
-    state = grpo.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key(0),
-        entropy=jnp.zeros(()),
-        controllers=grpo.init_controllers(c),
-    )
+    state = grpo.init_state(params, tx, c)
     inputs = grpo.step_inputs(state, logp, batch.response_mask, jnp.int32(0), s)
     _, m = grpo.update(state, graphdef, tx, batch._replace(old_logp=logp), inputs, s)
     assert float(m["approx_kl"]) < 1e-10 and float(m["pg_clipfrac"]) == 0.0
@@ -215,6 +201,10 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
                  lam0=0.5, ratio=0.1)
         ),
         "diagnostics.entropy_check_every": 2,
+        # The random policy never earns a reward, so every group is uninformative: dynamic
+        # sampling draws its maximum of batches, then tops the batch up.
+        "algo.dynamic_sampling": True,
+        "algo.dynamic_sampling_max_batches": 2,
     }  # fmt: skip
     full = tmp_path / "full"
     train.Trainer(tiny_config(tiny_policy, full, **kw)).run()
@@ -232,9 +222,16 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     assert rows[0]["entropy_delta"] is None and math.isfinite(rows[1]["entropy_delta"])
     assert "eval_avg@2" in rows[1] and "eval_pass@2" in rows[1]
     assert 0 < rows[0]["entropy"] < math.log(64)
-    assert [r["lambda"] for r in rows] == [0.5, 0.25, 0.0, 0.0]  # entropy < delta = 5 > ln(V): steps down
+    assert [r["lambda"] for r in rows] == [
+        0.5,
+        0.25,
+        0.0,
+        0.0,
+    ]  # entropy < delta = 5 > ln(V): steps down
     assert "dH_actual" in rows[1] and "dH_corr" in rows[1] and "dH_actual" not in rows[0]
     assert "cov_top_0.2pct" in rows[0] and "advantage_pos_frac" in rows[0]
+    assert all(r["dynamic_sampling_batches"] == 2 for r in rows)
+    assert all(r["dynamic_sampling_kept_frac"] == 0.0 for r in rows)
     assert (full / "hf" / "model.safetensors").exists()
     assert (full / "hf" / "tokenizer.json").exists()
 
@@ -291,14 +288,7 @@ def test_every_intervention_updates(intervention, sub):
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(3)), nnx.Param)
     s = grpo.LossSettings.from_config(c, num_epochs=2)
     tx = optax.sgd(1.0)
-    state = grpo.TrainState(
-        step=jnp.int32(3),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key(0),
-        entropy=jnp.zeros(()),
-        controllers=grpo.init_controllers(c),
-    )
+    state = grpo.init_state(params, tx, c, step=3)
     batch = _random_batch(cfg, 8, 6, 5)
     logp, ent = grpo.policy_pass(graphdef, params, batch, s)  # near on-policy old log-probs
     noise = 0.05 * jax.random.normal(jax.random.key(1), logp.shape)
