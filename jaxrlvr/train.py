@@ -154,7 +154,8 @@ class Trainer:
             remat=c.model.remat,
         )
         self.graphdef, params = nnx.split(model, nnx.Param)
-        self.ref_params = params if a.kl_coef > 0 else None  # frozen initial policy
+        # The frozen reference (initial policy) needs its own buffers: updates donate the state.
+        self.ref_params = jax.tree.map(jnp.copy, params) if a.kl_coef > 0 else None
         self.tx, self.schedule = grpo.make_optimizer(
             c.optim, c.train.steps, config_lib.updates_per_step(c)
         )

@@ -205,6 +205,9 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
         # sampling draws its maximum of batches, then tops the batch up.
         "algo.dynamic_sampling": True,
         "algo.dynamic_sampling_max_batches": 2,
+        "algo.kl_coef": 0.05,  # the frozen reference policy
+        # With no reward, advantages are zero; the entropy bonus still moves the policy.
+        "algo.entropy_coef": 0.05,
     }  # fmt: skip
     full = tmp_path / "full"
     train.Trainer(tiny_config(tiny_policy, full, **kw)).run()
@@ -231,6 +234,7 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     assert "dH_actual" in rows[1] and "dH_corr" in rows[1] and "dH_actual" not in rows[0]
     assert "cov_top_0.2pct" in rows[0] and "advantage_pos_frac" in rows[0]
     assert all(r["dynamic_sampling_batches"] == 2 for r in rows)
+    assert 0 <= rows[0]["kl"] < rows[-1]["kl"] and all(r["grad_norm"] > 0 for r in rows)
     assert all(r["dynamic_sampling_kept_frac"] == 0.0 for r in rows)
     assert (full / "hf" / "model.safetensors").exists()
     assert (full / "hf" / "tokenizer.json").exists()
