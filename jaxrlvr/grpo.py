@@ -194,16 +194,19 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, updates_p
     return optax.chain(*chain, adamw), schedule
 
 
-def response_logp_entropy(
-    model, batch: Batch, s: LossSettings, *, with_entropy: bool = True
-) -> tuple[Array, Array]:
-    """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T."""
+def response_hidden(model, batch: Batch, prompt_len: int) -> tuple[Array, Array]:
+    """The hidden states `[N, R, D]` that predict the response tokens, and the `[D, V]` head."""
     hidden, _ = model.hidden_states(batch.input_ids, attention_mask=batch.attention_mask)
-    p = s.prompt_len
+    return hidden[:, prompt_len - 1 : -1], model.unembedding()
+
+
+def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
+    """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T."""
+    hidden, unembed = response_hidden(model, batch, s.prompt_len)
     return losses.token_logp_entropy(
-        hidden[:, p - 1 : -1],  # [N, R, D]: states that predict the response tokens
-        model.unembedding(),
-        batch.input_ids[:, p:],
+        hidden,
+        unembed,
+        batch.input_ids[:, s.prompt_len :],
         temperature=s.temperature,
         chunk_size=s.logp_chunk,
     )
@@ -214,15 +217,17 @@ def _micro_batches(tree, size: int):
     return jax.tree.map(lambda x: x.reshape(-1, size, *x.shape[1:]), tree)
 
 
+def _map_micro_batches(fn, batch: Batch, size: int):
+    """`fn` over micro-batches of `size` sequences (bounded memory); outputs back to `[N, ...]`."""
+    out = jax.lax.map(fn, _micro_batches(batch, size))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+
 def policy_pass(graphdef, params, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
     """Log-probs and entropies of the whole rollout batch, one micro-batch at a time."""
-
-    def one(mb):
-        return response_logp_entropy(nnx.merge(graphdef, params), mb, s)
-
-    logp, ent = jax.lax.map(one, _micro_batches(batch, s.micro_batch))
-    n = batch.input_ids.shape[0]
-    return logp.reshape(n, -1), ent.reshape(n, -1)
+    return _map_micro_batches(
+        lambda mb: response_logp_entropy(nnx.merge(graphdef, params), mb, s), batch, s.micro_batch
+    )
 
 
 # Per-token metrics summed over micro-batches, then divided by the mini-batch token count.
@@ -340,24 +345,16 @@ def rollout_diagnostics(batch: Batch) -> dict[str, Array]:
 
 def entropy_check(graphdef, before, after, batch: Batch, s: LossSettings) -> dict[str, Array]:
     """Actual vs Lemma-1-predicted entropy change of the step's updates on its rollouts."""
-    p = s.prompt_len
 
     def one(mb):
-        def hidden(params):
-            model = nnx.merge(graphdef, params)
-            h, _ = model.hidden_states(mb.input_ids, attention_mask=mb.attention_mask)
-            return h[:, p - 1 : -1], model.unembedding()
-
-        (hb, ub), (ha, ua) = hidden(before), hidden(after)
+        hb, ub = response_hidden(nnx.merge(graphdef, before), mb, s.prompt_len)
+        ha, ua = response_hidden(nnx.merge(graphdef, after), mb, s.prompt_len)
         return losses.token_entropy_change(
             hb, ub, ha, ua, temperature=s.temperature, chunk_size=s.logp_chunk
         )
 
-    actual, predicted = jax.lax.map(one, _micro_batches(batch, s.micro_batch))
-    n = batch.input_ids.shape[0]
-    return losses.entropy_change_summary(
-        actual.reshape(n, -1), predicted.reshape(n, -1), batch.response_mask
-    )
+    actual, predicted = _map_micro_batches(one, batch, s.micro_batch)
+    return losses.entropy_change_summary(actual, predicted, batch.response_mask)
 
 
 def rollout_batch(

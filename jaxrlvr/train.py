@@ -351,20 +351,19 @@ class Trainer:
         metrics = {k: float(v) for k, v in stats.items()}
         for key in per_update[0]:
             metrics[key] = float(np.mean([m[key] for m in per_update]))
-        metrics["weight_min"] = float(np.min([m["weight_min"] for m in per_update]))
         metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
         if not c.algo.kl_coef:
             metrics.pop("kl")
-        return metrics | self._method_metrics(metrics, inputs)
+        frac, wmean = metrics.pop("intervention_frac"), metrics.pop("weight_mean")
+        wmin = float(np.min([m["weight_min"] for m in per_update]))
+        metrics.pop("weight_min")
+        return metrics | self._method_metrics(frac, wmean, wmin, inputs)
 
-    def _method_metrics(self, m: dict[str, float], inputs: grpo.StepInputs) -> dict:
-        """Rename the generic intervention metrics after the active method."""
-        a, frac, wmean, wmin = (
-            self.config.algo,
-            m.pop("intervention_frac"),
-            m.pop("weight_mean"),
-            m.pop("weight_min"),
-        )
+    def _method_metrics(
+        self, frac: float, wmean: float, wmin: float, inputs: grpo.StepInputs
+    ) -> dict[str, float]:
+        """The generic intervention metrics, named after the active method."""
+        a = self.config.algo
         out: dict[str, float] = {}
         if a.intervention in ("clip_cov", "kl_cov"):
             out[f"{a.intervention}_frac"] = frac
