@@ -6,6 +6,7 @@ training reward over the same window, final eval Avg@k, and wall time.
 
     python benchmarks/methods.py                   # all methods, 100 demo steps each
     python benchmarks/methods.py --methods grpo,steer --steps 40
+    python benchmarks/methods.py --methods GRPO,Clip-Cov --seeds 3   # mean ± std over seeds
 """
 
 from __future__ import annotations
@@ -53,10 +54,46 @@ def summarize(workdir: str, window: int) -> dict[str, float]:
     }
 
 
+def _run(label: str, config: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """One training run; returns its summary and wall time."""
+    name = label.replace(" ", "_").replace("/", "_")
+    workdir = os.path.join(args.workdir, name if seed == 0 else f"{name}-seed{seed}")
+    cmd = [
+        sys.executable, "-m", "jaxrlvr.train", f"--config={config}",
+        f"--config.workdir={workdir}", f"--config.seed={seed}", "--config.train.progress=False",
+    ]  # fmt: skip
+    if args.steps:
+        cmd.append(f"--config.train.steps={args.steps}")
+    cmd += [f"--config.{kv}" for kv in args.set]
+    print(f"[{label}, seed {seed}] {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{label} (seed {seed}) failed")
+    r = summarize(workdir, args.window) | {"wall_s": wall}
+    print(
+        f"  entropy {r['entropy_start']:.3f} -> {r['entropy_final']:.3f}, "
+        f"reward {r['reward_final']:.3f}, eval {r['eval_base']:.3f} -> {r['eval_final']:.3f}, "
+        f"{wall:.0f}s",
+        flush=True,
+    )
+    return r
+
+
+def _cell(values: list[float]) -> str:
+    """`mean` for one seed, `mean ± std` (sample std over seeds) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--methods", default="all", help="comma-separated labels or config args")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--seeds", type=int, default=1, help="runs per method (config.seed 0..n-1)")
     p.add_argument("--window", type=int, default=10, help="steps averaged for final values")
     p.add_argument("--workdir", default="runs/methods")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -65,44 +102,36 @@ def main() -> None:
         help="extra config override for every run, e.g. --set train.mini_batch_prompts=8",
     )  # fmt: skip
     args = p.parse_args()
+    if args.seeds < 1:
+        p.error(f"--seeds={args.seeds}: must be >= 1")
 
     chosen = METHODS if args.methods == "all" else {
         m: METHODS.get(m, m) for m in args.methods.split(",")
     }  # fmt: skip
-    results = {}
-    for label, config in chosen.items():
-        workdir = os.path.join(args.workdir, label.replace(" ", "_").replace("/", "_"))
-        cmd = [
-            sys.executable, "-m", "jaxrlvr.train", f"--config={config}",
-            f"--config.workdir={workdir}", "--config.train.progress=False",
-        ]  # fmt: skip
-        if args.steps:
-            cmd.append(f"--config.train.steps={args.steps}")
-        cmd += [f"--config.{kv}" for kv in args.set]
-        print(f"[{label}] {' '.join(cmd[2:])}", flush=True)
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{label} failed")
-        results[label] = summarize(workdir, args.window) | {"wall_s": wall, "config": config}
-        r = results[label]
-        print(
-            f"  entropy {r['entropy_start']:.3f} -> {r['entropy_final']:.3f}, "
-            f"reward {r['reward_final']:.3f}, "
-            f"eval {r['eval_base']:.3f} -> {r['eval_final']:.3f}, {wall:.0f}s",
-            flush=True,
-        )
+    results = {
+        label: {
+            "config": config,
+            "runs": [_run(label, config, seed, args) for seed in range(args.seeds)],
+        }
+        for label, config in chosen.items()
+    }
 
+    seeds = "" if args.seeds == 1 else f" (mean ± std over {args.seeds} seeds)"
     print(
-        "\n| method | config | final entropy | final reward | eval Avg@4 (base -> final) | wall |"
+        f"\n| method | config | final entropy{seeds} | final reward "
+        "| eval Avg@k (base -> final) | wall |"
     )
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
+        runs = r["runs"]
+
+        def col(key: str, runs: list = runs) -> list[float]:
+            return [run[key] for run in runs]
+
         print(
-            f"| {label} | `{r['config']}` | {r['entropy_final']:.3f} | {r['reward_final']:.3f} "
-            f"| {r['eval_base']:.3f} -> {r['eval_final']:.3f} | {r['wall_s']:.0f} s |"
+            f"| {label} | `{r['config']}` | {_cell(col('entropy_final'))} "
+            f"| {_cell(col('reward_final'))} | {runs[0]['eval_base']:.3f} -> "
+            f"{_cell(col('eval_final'))} | {np.mean(col('wall_s')):.0f} s |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -4,12 +4,11 @@ Fast: no model, no data, no training. Files are loaded as `ml_collections.config
 loads them (import the file, call `get_config(arg)`).
 """
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 from absl import flags
+from config_files import CONFIG_FILES, ROOT, get_config
 from ml_collections import config_flags
 
 from jaxrlvr.config import (
@@ -22,28 +21,12 @@ from jaxrlvr.config import (
     validate,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
 METHODS = (
     "adaptive_entropy.py", "clip_cov.py", "clip_higher.py", "entropy_bonus.py",
     "grpo.py", "kl_cov.py", "pos_adv.py", "steer.py",
 )  # fmt: skip
 PAPER_PRESETS = tuple(p for p in PRESET_NAMES if p != "demo")
 POS_ADV_ABLATIONS = ("adv_pos_only", "adv_neg_only")
-
-
-def load(name: str):
-    """The module of `configs/<name>`, imported from its path like `config_flags` does."""
-    path = ROOT / "configs" / name
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def get_config(name: str, arg: str | None = None):
-    module = load(name)
-    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def error_keys(exc: ConfigError) -> list[str]:
