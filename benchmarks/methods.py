@@ -130,7 +130,7 @@ def main() -> None:
 
         print(
             f"| {label} | `{r['config']}` | {_cell(col('entropy_final'))} "
-            f"| {_cell(col('reward_final'))} | {runs[0]['eval_base']:.3f} -> "
+            f"| {_cell(col('reward_final'))} | {_cell(col('eval_base'))} -> "
             f"{_cell(col('eval_final'))} | {np.mean(col('wall_s')):.0f} s |"
         )
     if args.json:
