@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 from jaxrlvr.losses import (
     COV_TOP_FRACTIONS,
@@ -17,10 +18,6 @@ from jaxrlvr.losses import (
     entropy_change_summary,
     token_entropy_change,
 )
-
-
-def _close(a, b, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol, atol)
 
 
 def np_cov_stats(cov, mask):
@@ -53,9 +50,9 @@ def test_cov_stats_match_numpy(shape):
         }
     )
     for key in expected:
-        _close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+        assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
     # small batch: the 0.02% set is the single largest valid cov
-    _close(got["cov_top_0.02pct"], cov[mask > 0].max())
+    assert_close(got["cov_top_0.02pct"], cov[mask > 0].max())
     ordered = [float(got[k]) for k in COV_TOP_FRACTIONS]
     assert ordered == sorted(ordered, reverse=True)
 
@@ -73,10 +70,10 @@ def test_advantage_stats_match_numpy():
     got = jax.jit(advantage_stats)(adv, mask)
     v = mask > 0
     pos, neg = v & (adv > 0), v & (adv < 0)
-    _close(got["advantage_pos_frac"], pos.sum() / v.sum())
-    _close(got["advantage_neg_frac"], neg.sum() / v.sum())
-    _close(got["advantage_pos_abs_mean"], np.abs(adv[pos]).mean())
-    _close(got["advantage_neg_abs_mean"], np.abs(adv[neg]).mean())
+    assert_close(got["advantage_pos_frac"], pos.sum() / v.sum())
+    assert_close(got["advantage_neg_frac"], neg.sum() / v.sum())
+    assert_close(got["advantage_pos_abs_mean"], np.abs(adv[pos]).mean())
+    assert_close(got["advantage_neg_abs_mean"], np.abs(adv[neg]).mean())
 
 
 def np_entropy_change(z0, z1, temp):
@@ -103,8 +100,8 @@ def test_entropy_change_matches_numpy(temp):
     z1 = (z0 + rng.normal(size=z0.shape) * 0.3).astype(np.float32)
     actual, predicted = jax.jit(functools.partial(entropy_change, temperature=temp))(z0, z1)
     exp_actual, exp_pred = np_entropy_change(z0, z1, temp)
-    _close(actual, exp_actual, rtol=1e-4, atol=2e-5)
-    _close(predicted, exp_pred, rtol=1e-4, atol=2e-5)
+    assert_close(actual, exp_actual, rtol=1e-4, atol=2e-5)
+    assert_close(predicted, exp_pred, rtol=1e-4, atol=2e-5)
 
 
 def test_lemma1_prediction_matches_small_perturbation():
@@ -130,7 +127,7 @@ def test_lemma1_prediction_matches_small_perturbation():
         np_entropy_change(z64, z64 + h * u64, 1.0)[0]
         - np_entropy_change(z64, z64 - h * u64, 1.0)[0]
     ) / (2 * h)
-    _close(np.asarray(predicted) / s, fd, rtol=2e-3, atol=2e-3)
+    assert_close(np.asarray(predicted) / s, fd, rtol=2e-3, atol=2e-3)
 
     # A large step leaves the first-order regime: the error grows.
     big_actual, big_pred = fn(z0, z0 + 2.0 * u)
@@ -152,8 +149,8 @@ def test_token_entropy_change_chunked(t, chunk):
     z0 = np.einsum("btd,dv->btv", h0.astype(np.float64), w0)
     z1 = np.einsum("btd,dv->btv", h1.astype(np.float64), w1)
     exp_actual, exp_pred = np_entropy_change(z0, z1, 0.9)
-    _close(actual, exp_actual, rtol=1e-3, atol=2e-5)
-    _close(predicted, exp_pred, rtol=1e-3, atol=2e-5)
+    assert_close(actual, exp_actual, rtol=1e-3, atol=2e-5)
+    assert_close(predicted, exp_pred, rtol=1e-3, atol=2e-5)
 
 
 def test_entropy_change_summary_matches_numpy():
@@ -164,12 +161,12 @@ def test_entropy_change_summary_matches_numpy():
     a[mask == 0] = 1e3  # must be ignored
     got = jax.jit(entropy_change_summary)(a, p, mask)
     v = mask > 0
-    _close(got["dH_actual"], a[v].mean())
-    _close(got["dH_predicted"], p[v].mean())
-    _close(got["dH_corr"], np.corrcoef(a[v], p[v])[0, 1], rtol=1e-5, atol=1e-6)
+    assert_close(got["dH_actual"], a[v].mean())
+    assert_close(got["dH_predicted"], p[v].mean())
+    assert_close(got["dH_corr"], np.corrcoef(a[v], p[v])[0, 1], rtol=1e-5, atol=1e-6)
     # scale invariance: tiny entropy changes do not underflow
     tiny = entropy_change_summary(a * 1e-20, p * 1e-20, mask)
-    _close(tiny["dH_corr"], np.corrcoef(a[v], p[v])[0, 1], rtol=1e-4, atol=1e-5)
+    assert_close(tiny["dH_corr"], np.corrcoef(a[v], p[v])[0, 1], rtol=1e-4, atol=1e-5)
     # constant input -> correlation 0 rather than NaN
     const = entropy_change_summary(jnp.ones((5, 8)), p, mask)
     assert float(const["dH_corr"]) == 0.0

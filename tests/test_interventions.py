@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 from jaxrlvr.losses import (
     AdaptiveEntropyState,
@@ -34,10 +35,6 @@ from jaxrlvr.losses import (
     steer_weights,
     token_covariance,
 )
-
-
-def _close(a, b, rtol=1e-5, atol=1e-6):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol, atol)
 
 
 def make_batch(seed=0, b=8, width=40, empty_row=True):
@@ -71,7 +68,7 @@ def np_count(ratio, mask):
 def test_token_covariance_matches_numpy_and_is_detached():
     logp, _, adv, mask = make_batch()
     cov = jax.jit(token_covariance)(logp, adv, mask)
-    _close(cov, np_cov(logp.astype(np.float64), adv, mask), rtol=1e-5, atol=1e-5)
+    assert_close(cov, np_cov(logp.astype(np.float64), adv, mask), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(cov)[mask == 0] == 0)
     g = jax.grad(lambda lp: jnp.sum(token_covariance(lp, adv, mask) ** 2))(jnp.asarray(logp))
     assert np.all(np.asarray(g) == 0)
@@ -156,13 +153,13 @@ def test_clip_cov_token_loss_zero_gradient_on_selected():
 
     # Loss: PPO surrogate (no dual clip) with selected tokens removed, denominator unchanged.
     ppo = np.maximum(l1, l2)
-    _close(loss, (ppo * (1 - sel) * mask).sum() / mask.sum(), rtol=1e-5)
-    _close(terms.loss, ppo * (1 - sel), rtol=1e-5, atol=1e-6)
+    assert_close(loss, (ppo * (1 - sel) * mask).sum() / mask.sum(), rtol=1e-5)
+    assert_close(terms.loss, ppo * (1 - sel), rtol=1e-5, atol=1e-6)
 
     # Zero gradient exactly on selected tokens; the hand gradient elsewhere.
     assert np.all(grad[sel > 0] == 0)
     expected = np.where(~(l2 > l1) & (sel == 0), -adv * r, 0.0) * mask / mask.sum()
-    _close(grad, expected, rtol=1e-5, atol=1e-8)
+    assert_close(grad, expected, rtol=1e-5, atol=1e-8)
     assert np.abs((adv * r)[sel > 0]).max() > 0  # unselected, they would get a gradient
 
 
@@ -204,7 +201,7 @@ def test_kl_cov_token_loss_matches_numpy():
     np.testing.assert_array_equal(np.asarray(sel), exp_sel)
     r = np.exp(logp.astype(np.float64) - old)
     expected = -adv * r + exp_sel * kl_coef * np.abs(logp - old)
-    _close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- pos-adv
@@ -212,9 +209,9 @@ def test_kl_cov_token_loss_matches_numpy():
 
 def test_pos_adv_weights():
     adv = np.array([[1.0, -2.0, 0.0, 0.5]], np.float32)
-    _close(jax.jit(pos_adv_weights)(adv, 0.3), [[0.3, 1.0, 1.0, 0.3]])
-    _close(pos_adv_weights(adv, 0.0), [[0.0, 1.0, 1.0, 0.0]])  # Adv<=0 only
-    _close(pos_adv_weights(adv, 1.0, neg_weight=0.0), [[1.0, 0.0, 1.0, 1.0]])  # Adv>=0 only
+    assert_close(jax.jit(pos_adv_weights)(adv, 0.3), [[0.3, 1.0, 1.0, 0.3]])
+    assert_close(pos_adv_weights(adv, 0.0), [[0.0, 1.0, 1.0, 0.0]])  # Adv<=0 only
+    assert_close(pos_adv_weights(adv, 1.0, neg_weight=0.0), [[1.0, 0.0, 1.0, 1.0]])  # Adv>=0 only
 
 
 @pytest.mark.parametrize("lam,neg_weight", [(0.0, 1.0), (1.0, 0.0)])
@@ -236,12 +233,12 @@ def test_stage_lambda():
     fn = jax.jit(stage_lambda)
     got = [float(fn(s, 10)) for s in range(10)]
     expected = [0, 0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0]  # 0 up to step 5, then linear to 1
-    _close(got, expected)
+    assert_close(got, expected)
     assert float(stage_lambda(1, 2)) == 1.0 and float(stage_lambda(0, 2)) == 0.0
 
 
 def test_epoch_lambda():
-    _close([float(jax.jit(epoch_lambda)(e, 5)) for e in range(1, 6)], [0, 0.25, 0.5, 0.75, 1])
+    assert_close([float(jax.jit(epoch_lambda)(e, 5)) for e in range(1, 6)], [0, 0.25, 0.5, 0.75, 1])
     assert float(epoch_lambda(1, 1)) == 0.0
 
 
@@ -347,7 +344,7 @@ def test_steer_weights_match_numpy(norm, linear, lmax):
     )
     w = np.asarray(fn(logp, old, ent, adv, mask))
     expected = np_steer(logp, old, ent, adv, mask, 0.8, lmax, linear, norm)
-    _close(w, expected, rtol=1e-5, atol=1e-6)
+    assert_close(w, expected, rtol=1e-5, atol=1e-6)
     assert np.all(w[mask == 0] == 0)
     assert np.all(w[mask > 0] >= 0.8 - 1e-6) and np.all(w[mask > 0] <= lmax + 1e-6)
     assert np.ptp(w[mask > 0]) > 0.05  # weights actually vary
@@ -361,7 +358,7 @@ def test_steer_exponential_floor_on_max():
     adv = adv * 1e-3  # every Omega far below 0.02
     w = np.asarray(steer_weights(logp, old, ent, adv, mask))
     expected = np_steer(logp, old, ent, adv, mask)
-    _close(w, expected, rtol=1e-6, atol=1e-7)
+    assert_close(w, expected, rtol=1e-6, atol=1e-7)
     # Without the floor the largest Omega would get lambda_min exactly; with it,
     # min w = 0.8 ** (max Omega / 0.02) > 0.8.
     m = float(np.max(np.asarray(steer_omega(logp, old, ent, adv, mask))))
@@ -396,7 +393,7 @@ def test_steer_gradient_equals_weighted_grpo_gradient():
     lmax = np.maximum(l1, l2)
     active = ~(l2 > l1) & ~((adv < 0) & (lmax > -adv * 10.0))
     expected = w * np.where(active, -adv * r, 0.0) * mask / mask.sum()
-    _close(grad, expected, rtol=1e-5, atol=1e-8)
+    assert_close(grad, expected, rtol=1e-5, atol=1e-8)
     assert np.abs(expected).max() > 1e-3
     # and differs from the unweighted gradient
     assert not np.allclose(expected, np.where(active, -adv * r, 0.0) * mask / mask.sum())
@@ -420,7 +417,7 @@ def test_adaptive_entropy_controller():
     for _ in range(4):  # below target: +delta each step, clipped at alpha_max
         state = upd(state, 0.1)
         alphas.append(float(state.alpha))
-    _close(alphas, [0.001, 0.002, 0.0025, 0.0025], rtol=1e-6, atol=1e-9)
+    assert_close(alphas, [0.001, 0.002, 0.0025, 0.0025], rtol=1e-6, atol=1e-9)
     state = upd(state, 0.3)
     assert float(state.alpha) == pytest.approx(0.0015, abs=1e-9)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close
 
 from jaxrlvr.losses import (
     AGG_MODES,
@@ -20,14 +21,6 @@ from jaxrlvr.losses import (
     ppo_token_loss,
     token_logp_entropy,
 )
-
-RTOL = 1e-5
-ATOL = 1e-6
-
-
-def _close(a, b, rtol=RTOL, atol=ATOL):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol, atol)
-
 
 # ---------------------------------------------------------------------------- references
 
@@ -110,8 +103,8 @@ def test_grpo_advantages_match_numpy(std_normalize):
     fn = jax.jit(functools.partial(grpo_advantages, group_size=g, std_normalize=std_normalize))
     got = fn(rewards)
     assert got.dtype == jnp.float32 and got.shape == rewards.shape
-    _close(got, np_advantages(rewards, g, std_normalize), rtol=1e-5, atol=1e-5)
-    _close(got[:g], np.zeros(g))
+    assert_close(got, np_advantages(rewards, g, std_normalize), rtol=1e-5, atol=1e-5)
+    assert_close(got[:g], np.zeros(g))
     if std_normalize:  # unbiased std: each non-degenerate group has sample std 1
         assert np.std(np.asarray(got[g : 2 * g]), ddof=1) == pytest.approx(1.0, rel=1e-4)
 
@@ -119,7 +112,7 @@ def test_grpo_advantages_match_numpy(std_normalize):
 def test_grpo_advantages_group_size_one_is_zero():
     rewards = np.array([1.0, 0.0, 3.0], np.float32)
     got = jax.jit(functools.partial(grpo_advantages, group_size=1))(rewards)
-    _close(got, np.zeros(3))
+    assert_close(got, np.zeros(3))
 
 
 def test_grpo_advantages_rejects_ragged_groups():
@@ -153,10 +146,10 @@ def test_ppo_token_loss_matches_numpy(eps_low, eps_high, dual):
     )
     terms = fn(logp, old, adv)
     loss, clipped, dual_ind, r = np_ppo(logp, old, adv, eps_low, eps_high, dual)
-    _close(terms.loss, loss, rtol=1e-5, atol=1e-5)
+    assert_close(terms.loss, loss, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(terms.clipped), clipped.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(terms.dual_clipped), dual_ind.astype(np.float32))
-    _close(terms.ratio, r, rtol=1e-5)
+    assert_close(terms.ratio, r, rtol=1e-5)
     assert float(terms.ratio[2, 3]) == pytest.approx(np.exp(20.0), rel=1e-5)
     assert clipped.sum() > 0 and (~clipped).sum() > 0  # both branches exercised
     if dual is not None and dual < 5:
@@ -185,7 +178,7 @@ def test_ppo_gradient_matches_hand_derivative():
     loss, clipped, dual, r = np_ppo(logp, old, adv, 0.2, 0.28, 3.0)
     active = ~clipped & ~dual  # unclipped surrogate: d(-A r)/dlogp = -A r
     expected = np.where(active, -adv * r, 0.0) * mask / mask.sum()
-    _close(grad, expected, rtol=1e-5, atol=1e-7)
+    assert_close(grad, expected, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -197,11 +190,11 @@ def test_aggregate_modes_match_numpy(mode):
     x = rng.normal(size=(7, 11)).astype(np.float32)
     m = random_mask(rng, 7, 11)
     got = jax.jit(functools.partial(aggregate, mode=mode))(x, m)
-    _close(got, np_aggregate(x, m, mode))
+    assert_close(got, np_aggregate(x, m, mode))
     # bool masks are accepted too
-    _close(aggregate(x, m.astype(bool), mode), np_aggregate(x, m, mode))
+    assert_close(aggregate(x, m.astype(bool), mode), np_aggregate(x, m, mode))
     # weights form: sum(x * w) == aggregate
-    _close(jnp.sum(x * aggregation_weights(m, mode)), np_aggregate(x, m, mode))
+    assert_close(jnp.sum(x * aggregation_weights(m, mode)), np_aggregate(x, m, mode))
 
 
 def test_seq_mean_token_sum_norm_custom_max_len():
@@ -209,7 +202,7 @@ def test_seq_mean_token_sum_norm_custom_max_len():
     x = rng.normal(size=(3, 5)).astype(np.float32)
     m = random_mask(rng, 3, 5, empty_row=False)
     got = aggregate(x, m, "seq-mean-token-sum-norm", agg_norm(m, max_len=64))
-    _close(got, np_aggregate(x, m, "seq-mean-token-sum-norm", max_len=64))
+    assert_close(got, np_aggregate(x, m, "seq-mean-token-sum-norm", max_len=64))
 
 
 def test_aggregate_unknown_mode_raises():
@@ -240,8 +233,8 @@ def test_micro_batch_invariance_value_and_gradient(mode):
 
     v_full, g_full = jax.value_and_grad(full_loss)(logp)
     v_micro, g_micro = jax.value_and_grad(micro_loss)(logp)
-    _close(v_micro, v_full, rtol=1e-5, atol=1e-7)
-    _close(g_micro, g_full, rtol=1e-5, atol=1e-8)
+    assert_close(v_micro, v_full, rtol=1e-5, atol=1e-7)
+    assert_close(g_micro, g_full, rtol=1e-5, atol=1e-8)
 
     # Per-micro-batch denominators (the reference code's behaviour) generally differ.
     if mode in ("token-mean", "seq-mean-token-mean"):
@@ -286,8 +279,8 @@ def test_micro_batch_gradient_through_lax_scan():
 
     theta = jnp.asarray(x0)
     v, g = accumulated(theta)
-    _close(v, full(theta), rtol=1e-5, atol=1e-7)
-    _close(g, jax.grad(full)(theta), rtol=1e-5, atol=1e-7)
+    assert_close(v, full(theta), rtol=1e-5, atol=1e-7)
+    assert_close(g, jax.grad(full)(theta), rtol=1e-5, atol=1e-7)
 
 
 def test_empty_mask_aggregates_to_zero():
@@ -306,7 +299,7 @@ def test_kl_penalty_matches_numpy(estimator):
     d = logp.astype(np.float64) - ref
     expected = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) + d - 1.0}[estimator]
     got = jax.jit(functools.partial(kl_penalty, estimator=estimator))(logp, ref)
-    _close(got, expected, rtol=1e-5, atol=1e-6)
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
     if estimator != "k1":
         assert np.all(np.asarray(got) >= 0)
 
@@ -325,11 +318,13 @@ def test_entropy_from_logits_matches_numpy(temp):
     logits = (rng.normal(size=(3, 5, 50)) * 3.0).astype(np.float32)
     got = jax.jit(functools.partial(entropy_from_logits, temperature=temp))(logits)
     assert got.dtype == jnp.float32 and got.shape == (3, 5)
-    _close(got, np_entropy(logits, temp), rtol=1e-5, atol=1e-5)
+    assert_close(got, np_entropy(logits, temp), rtol=1e-5, atol=1e-5)
     # bf16 input is upcast before the math
     got_bf16 = entropy_from_logits(jnp.asarray(logits, jnp.bfloat16), temp)
     assert got_bf16.dtype == jnp.float32
-    _close(got_bf16, np_entropy(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float32), temp))
+    assert_close(
+        got_bf16, np_entropy(np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float32), temp)
+    )
 
 
 def test_entropy_bounds():
@@ -357,8 +352,8 @@ def test_token_logp_entropy_chunked_equals_unchunked(t, chunk):
     logp, ent = fn(hidden, unembed, targets)
     assert logp.shape == (b, t) and ent.shape == (b, t) and logp.dtype == jnp.float32
     logits = np.einsum("btd,dv->btv", hidden.astype(np.float64), unembed)
-    _close(logp, np_logp(logits, targets, temp), rtol=1e-4, atol=1e-5)
-    _close(ent, np_entropy(logits, temp), rtol=1e-4, atol=1e-5)
+    assert_close(logp, np_logp(logits, targets, temp), rtol=1e-4, atol=1e-5)
+    assert_close(ent, np_entropy(logits, temp), rtol=1e-4, atol=1e-5)
 
     # Gradients w.r.t. hidden and unembed equal those of the unchunked computation.
     c1 = rng.normal(size=(b, t)).astype(np.float32)
@@ -377,7 +372,7 @@ def test_token_logp_entropy_chunked_equals_unchunked(t, chunk):
     )
     g_full = jax.grad(functools.partial(objective, full), argnums=(0, 1))(hidden, unembed)
     for a, b_ in zip(g_chunk, g_full, strict=True):
-        _close(a, b_, rtol=1e-4, atol=1e-5)
+        assert_close(a, b_, rtol=1e-4, atol=1e-5)
         assert np.abs(np.asarray(a)).max() > 1e-3  # non-trivial gradients
 
 
@@ -391,5 +386,5 @@ def test_token_logp_entropy_bf16_hidden():
     logp, ent = token_logp_entropy(hb, wb, targets, chunk_size=4)
     assert logp.dtype == jnp.float32 and ent.dtype == jnp.float32
     ref_lp, ref_ent = unchunked_logp_entropy(hb, wb, jnp.asarray(targets), 1.0)
-    _close(logp, ref_lp, rtol=1e-5, atol=1e-5)
-    _close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    assert_close(logp, ref_lp, rtol=1e-5, atol=1e-5)
+    assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
