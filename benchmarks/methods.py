@@ -123,15 +123,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
-        runs = r["runs"]
-
-        def col(key: str, runs: list = runs) -> list[float]:
-            return [run[key] for run in runs]
-
+        col = {key: [run[key] for run in r["runs"]] for key in r["runs"][0]}  # key -> per seed
         print(
-            f"| {label} | `{r['config']}` | {_cell(col('entropy_final'))} "
-            f"| {_cell(col('reward_final'))} | {_cell(col('eval_base'))} -> "
-            f"{_cell(col('eval_final'))} | {np.mean(col('wall_s')):.0f} s |"
+            f"| {label} | `{r['config']}` | {_cell(col['entropy_final'])} "
+            f"| {_cell(col['reward_final'])} | {_cell(col['eval_base'])} -> "
+            f"{_cell(col['eval_final'])} | {np.mean(col['wall_s']):.0f} s |"
         )
     if args.json:
         with open(args.json, "w") as f:
