@@ -47,7 +47,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.model.path = config_dict.placeholder(str)  # local Hugging Face checkpoint directory
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # storage dtype of the trained parameters
-    c.model.remat = False  # activation checkpointing per layer
+    c.model.remat = "none"  # activation checkpointing per layer: none | full | dots
     c.model.logp_chunk = 128  # sequence chunk for log-probs/entropy ([chunk, V] logits)
 
     c.data = ml_collections.ConfigDict()
@@ -141,7 +141,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
         c.rollout.max_new_tokens = 2048
     if preset.startswith("qwen"):
         c.model.dtype = "bfloat16"
-        c.model.remat = True
+        c.model.remat = "full"
         c.data.prompt_template = "dapo" if preset == "qwen2.5-math-7b" else c.data.prompt_template
         c.data.answer_field = "reward_model.ground_truth"
     return c
@@ -199,8 +199,11 @@ def split_files(spec: str | None) -> list[str]:
     return [s.strip() for s in (spec or "").split(",") if s.strip()]
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Check every field; raise one `ConfigError` listing each problem with its key."""
+def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
+    """Check every field; raise one `ConfigError` listing each problem with its key.
+
+    `files=False` skips the checks of the model and data paths (`jaxrlvr.plan` needs
+    neither weights nor data)."""
     errors: list[str] = []
 
     def need(ok: bool, key: str, allowed: str):
@@ -263,6 +266,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     one_of("model.dtype", ("float32", "bfloat16"))
     one_of("model.param_dtype", ("float32", "bfloat16"))
+    one_of("model.remat", ("none", "full", "dots"))
     need(config.model.logp_chunk >= 1, "model.logp_chunk", "must be >= 1")
     one_of("data.prompt_template", ("qwen_chat", "dapo", "raw"))
     need(config.data.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
@@ -277,9 +281,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "must be 3 sizes over ('data', 'fsdp', 'tensor'), each >= 1, at most one -1",
     )
 
-    if config.preset != "demo":
+    if files and config.preset != "demo":
         need(bool(config.model.path), "model.path", "required: a local Hugging Face checkpoint dir")
-    if config.preset != "demo" or config.model.path:
+    if files and (config.preset != "demo" or config.model.path):
         need(
             bool(split_files(config.data.train_files)),
             "data.train_files",
@@ -287,7 +291,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.model.path:
         need(os.path.isdir(config.model.path), "model.path", "directory does not exist")
-    for key in ("data.train_files", "data.eval_files"):
+    for key in ("data.train_files", "data.eval_files") if files else ():
         for spec in split_files(_get(config, key)):
             if not glob.glob(spec):
                 errors.append(f"config.{key}: {spec!r} matches no file")
@@ -345,6 +349,31 @@ def _validate_intervention(config, need, one_of) -> None:
     )
 
 
+def engine_shape(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The sampling engine's slots and lengths for a config (prompts padded to a power of 2)."""
+    prefill = max(16, 1 << (config.data.max_prompt_len - 1).bit_length())
+    return dict(
+        max_concurrent_decodes=config.rollout.max_slots,
+        max_prefill_length=prefill,
+        max_target_length=prefill + config.rollout.max_new_tokens,
+    )
+
+
+def validate_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+    """Checks that need the device mesh: every micro-batch must split over data x fsdp."""
+    from jaxrlvr.sharding import batch_shards
+
+    shards = batch_shards(mesh)
+    micro = config.train.micro_batch_sequences
+    if micro % shards:
+        fix = -(-micro // shards) * shards
+        raise ConfigError(
+            f"config.train.micro_batch_sequences={micro}: must be a multiple of the "
+            f"{shards} devices the batch splits over (mesh data x fsdp = "
+            f"{dict(mesh.shape)}), or its activations are replicated; e.g. {fix}"
+        )
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -361,8 +390,10 @@ __all__ = [
     "LOSS_AGG_MODES",
     "PRESET_NAMES",
     "base_config",
+    "engine_shape",
     "split_files",
     "updates_per_step",
     "validate",
+    "validate_mesh",
     "workdir",
 ]

@@ -8,7 +8,12 @@ full `[N, R, V]` float32 logits.
 
 `update` is one optimizer update over one mini-batch, accumulated over micro-batches with
 `lax.scan`; aggregation denominators are taken over the whole mini-batch, so the result
-does not depend on the micro-batch size (METHODS.md section 2).
+does not depend on the micro-batch size.
+
+On a mesh the batch is split over its `batch_shards` = data x fsdp devices, and rows are
+laid out so that every mini-batch and micro-batch is a slice *within* each device's
+shard (`device_order`, `split_rows`): slicing never moves data, and every micro-batch
+keeps all devices busy.
 """
 
 from __future__ import annotations
@@ -59,12 +64,16 @@ class LossSettings:
     method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
     total_steps: int = 1
     num_epochs: int = 1
+    updates: int = 1  # mini-batches (optimizer updates) per step
+    batch_shards: int = 1  # devices the batch is split over (data x fsdp)
 
     def arg(self, name: str) -> Any:
         return dict(self.method)[name]
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, num_epochs: int = 1) -> LossSettings:
+    def from_config(
+        cls, config: ml_collections.ConfigDict, num_epochs: int = 1, batch_shards: int = 1
+    ) -> LossSettings:
         a = config.algo
         method = a.get(a.intervention) if a.intervention in a else None
         return cls(
@@ -83,6 +92,8 @@ class LossSettings:
             method=tuple(sorted(method.to_dict().items())) if method is not None else (),
             total_steps=int(config.train.steps),
             num_epochs=int(num_epochs),
+            updates=int(config.train.prompts_per_step // config.train.mini_batch_prompts),
+            batch_shards=int(batch_shards),
         )
 
 
@@ -212,21 +223,50 @@ def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, 
     )
 
 
-def _micro_batches(tree, size: int):
-    """[N, ...] -> [N / size, size, ...] for every leaf."""
-    return jax.tree.map(lambda x: x.reshape(-1, size, *x.shape[1:]), tree)
+def split_rows(tree, parts: int, shards: int = 1):
+    """Every leaf `[N, ...]` -> `[parts, N / parts, ...]`, part i taking its rows from each
+    of the `shards` contiguous device blocks of N: a local slice on every device."""
+
+    def split(x):
+        x = x.reshape(shards, parts, -1, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(parts, -1, *x.shape[3:])
+
+    return jax.tree.map(split, tree)
 
 
-def _map_micro_batches(fn, batch: Batch, size: int):
-    """`fn` over micro-batches of `size` sequences (bounded memory); outputs back to `[N, ...]`."""
-    out = jax.lax.map(fn, _micro_batches(batch, size))
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+def merge_rows(tree, shards: int = 1):
+    """The inverse of `split_rows`: every leaf `[parts, M, ...]` -> `[parts * M, ...]`."""
+
+    def merge(y):
+        y = y.reshape(y.shape[0], shards, -1, *y.shape[2:]).swapaxes(0, 1)
+        return y.reshape(-1, *y.shape[3:])
+
+    return jax.tree.map(merge, tree)
+
+
+def device_order(n: int, micro_batch: int, shards: int) -> np.ndarray:
+    """The row order on device: row p of the device batch is row `order[p]` of the logical
+    batch, so that `split_rows(batch, n // micro_batch, shards)[g]` is logical micro-batch g
+    (rows `g * micro_batch ...`, in order). The identity when `shards` is 1."""
+    return np.asarray(merge_rows(np.arange(n).reshape(n // micro_batch, micro_batch), shards))
+
+
+def _map_micro_batches(fn, batch: Batch, s: LossSettings):
+    """`fn` over micro-batches (bounded memory); outputs back in the batch's row order."""
+    parts = batch.input_ids.shape[0] // s.micro_batch
+    out = jax.lax.map(fn, split_rows(batch, parts, s.batch_shards))
+    return merge_rows(out, s.batch_shards)
+
+
+def mini_batch(batch: Batch, k: Array, s: LossSettings) -> Batch:
+    """Mini-batch k (a traced index) of the step's batch, sliced within each device."""
+    return jax.tree.map(lambda x: x[k], split_rows(batch, s.updates, s.batch_shards))
 
 
 def policy_pass(graphdef, params, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
     """Log-probs and entropies of the whole rollout batch, one micro-batch at a time."""
     return _map_micro_batches(
-        lambda mb: response_logp_entropy(nnx.merge(graphdef, params), mb, s), batch, s.micro_batch
+        lambda mb: response_logp_entropy(nnx.merge(graphdef, params), mb, s), batch, s
     )
 
 
@@ -305,13 +345,15 @@ def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: L
 
 
 def update(
-    state: TrainState, graphdef, tx, mini: Batch, inputs: StepInputs, s: LossSettings
+    state: TrainState, graphdef, tx, batch: Batch, k: Array, inputs: StepInputs, s: LossSettings
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer update on a mini-batch, gradients accumulated over micro-batches."""
+    """One optimizer update on mini-batch k of the step's batch, gradients accumulated over
+    micro-batches."""
+    mini = mini_batch(batch, k, s)
     norm = losses.agg_norm(mini.response_mask)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     rng, key = jax.random.split(state.rng)
-    micro = _micro_batches(mini, s.micro_batch)
+    micro = split_rows(mini, mini.input_ids.shape[0] // s.micro_batch, s.batch_shards)
     keys = jax.random.split(key, micro.input_ids.shape[0])
 
     def micro_step(carry, xs):
@@ -353,7 +395,7 @@ def entropy_check(graphdef, before, after, batch: Batch, s: LossSettings) -> dic
             hb, ub, ha, ua, temperature=s.temperature, chunk_size=s.logp_chunk
         )
 
-    actual, predicted = _map_micro_batches(one, batch, s.micro_batch)
+    actual, predicted = _map_micro_batches(one, batch, s)
     return losses.entropy_change_summary(actual, predicted, batch.response_mask)
 
 

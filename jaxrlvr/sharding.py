@@ -8,12 +8,20 @@ that table or the mesh shape, never the model code.
 A logical dimension whose size does not divide evenly over its mesh axes is replicated
 instead (e.g. the 2 KV heads of Qwen2.5-0.5B on a 4-way tensor axis), so any model runs on
 any mesh shape.
+
+Training uses `LOGICAL_AXIS_RULES` (ZeRO-3 over 'fsdp', tensor parallel over 'tensor').
+The sampler keeps its own copy of the weights under `SAMPLER_AXIS_RULES`: model parallel
+over 'fsdp' x 'tensor' with the hidden dimension whole, so a decode step never gathers
+weights, only small activations. `axis_rules(...)` selects the table that `constrain`
+uses while a function is traced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -24,7 +32,9 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 # logical axis -> mesh axis (or axes, or None = replicated). First match wins.
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 LOGICAL_AXIS_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),  # activations and KV cache: data parallel over both
+    ("batch", ("data", "fsdp")),  # activations: data parallel over both
+    ("cache_batch", ("data", "fsdp")),  # the KV cache's slots
+    ("layers", None),  # the stacked decoder layers: every device holds its share of each
     ("vocab", "tensor"),
     ("embed", "fsdp"),  # parameters: ZeRO-3 style over fsdp
     ("mlp", "tensor"),
@@ -36,6 +46,45 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("cache_length", None),
     ("act_embed", None),  # the hidden dimension of activations stays whole
 )
+
+
+# The sampler's copy of the weights: split over every model-parallel device, never gathered.
+# Output dimensions first (vocab, MLP, heads); a weight whose heads do not divide (28 heads
+# on 32 devices) is split on its hidden dimension instead.
+SAMPLER_AXIS_RULES: LogicalRules = (
+    ("batch", "data"),  # decode activations are small: whole on every model-parallel device
+    ("cache_batch", ("data", "fsdp")),  # the KV cache is the big array: split its slots
+    ("layers", None),
+    ("vocab", ("fsdp", "tensor")),
+    ("mlp", ("fsdp", "tensor")),
+    ("heads", ("fsdp", "tensor")),
+    ("kv_heads", ("fsdp", "tensor")),
+    ("embed", ("fsdp", "tensor")),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+    ("cache_length", None),
+    ("act_embed", None),
+)
+
+_ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar(
+    "jaxrlvr_axis_rules", default=LOGICAL_AXIS_RULES
+)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: LogicalRules) -> Iterator[None]:
+    """Make `rules` the table `constrain` resolves logical names with (while tracing)."""
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def batch_shards(mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES) -> int:
+    """How many ways the `batch` logical axis splits on `mesh` (data x fsdp by default)."""
+    return math.prod(dict(mesh.shape).get(a, 1) for a in _mesh_axes_for("batch", rules))
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence | None = None) -> Mesh:
@@ -83,23 +132,32 @@ def logical_to_spec(
 ) -> PartitionSpec:
     """Resolve logical axis names to a `PartitionSpec` for an array of `shape`.
 
-    Mesh axes of size 1 are dropped; a dimension that does not divide evenly over its mesh
-    axes is replicated; a mesh axis is used at most once per array.
+    Dimensions claim their mesh axes in the order of the rules table (earlier rules
+    first), each mesh axis at most once per array; mesh axes of size 1 are dropped; a
+    dimension that does not divide evenly over its mesh axes is replicated.
     """
     if len(names) != len(shape):
         raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+    order = [logical for logical, _ in rules]
+    priority = sorted(
+        range(len(names)), key=lambda i: -1 if names[i] is None else _rule_index(names[i], order)
+    )
     used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape, strict=True):
+    spec: list = [None] * len(names)
+    for i in priority:
         axes = tuple(
-            a for a in _mesh_axes_for(name, rules) if mesh_shape.get(a, 1) > 1 and a not in used
+            a for a in _mesh_axes_for(names[i], rules) if mesh_shape.get(a, 1) > 1 and a not in used
         )
-        if axes and dim % math.prod(mesh_shape[a] for a in axes) == 0:
+        if axes and shape[i] % math.prod(mesh_shape[a] for a in axes) == 0:
             used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            spec.append(None)
+            spec[i] = axes[0] if len(axes) == 1 else axes
     return PartitionSpec(*spec)
+
+
+def _rule_index(name: str, order: list[str]) -> int:
+    if name not in order:
+        raise KeyError(f"logical axis {name!r} has no sharding rule")
+    return order.index(name)
 
 
 def named_sharding(
@@ -116,8 +174,17 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = logical_to_spec(names, x.shape, dict(mesh.shape))
+    spec = logical_to_spec(names, x.shape, dict(mesh.shape), _ACTIVE_RULES.get())
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def replicate(tree):
+    """Every array of `tree` whole on every device of the ambient mesh (a no-op without
+    one): what the host reads back, so that each process can read it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
 def logical_axes_of(variable) -> tuple[str | None, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import grpo, losses
+from jaxrlvr import distributed, grpo, losses, programs
 from jaxrlvr.checkpointing import Checkpointer
 from jaxrlvr.data import PromptDataset, load_prompts
 from jaxrlvr.evaluation import avg_and_pass_at_k
@@ -35,7 +36,7 @@ from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
 from jaxrlvr.rewards import get_reward_fn
 from jaxrlvr.sampling import Engine, SamplingParams, generate
-from jaxrlvr.sharding import make_mesh, named_sharding
+from jaxrlvr.sharding import batch_shards, make_mesh
 
 log = logging.getLogger("jaxrlvr.train")
 
@@ -109,8 +110,16 @@ class Trainer:
         self.config = config = resolve_model_and_data(config)
         config_lib.validate(config)
         self.workdir = config_lib.workdir(config)
-        self.mesh = make_mesh(tuple(config.mesh.shape))
+        try:
+            self.mesh = make_mesh(tuple(config.mesh.shape))
+        except ValueError as e:  # e.g. more devices than the processes have together
+            raise config_lib.ConfigError(f"config.mesh.shape={config.mesh.shape}: {e}") from None
+        config_lib.validate_mesh(config, self.mesh)
         c, a = config, config.algo
+        # Several processes: the same config everywhere, and a workdir all of them see.
+        distributed.check_same("the config", json.loads(config.to_json()))
+        os.makedirs(self.workdir, exist_ok=True)
+        distributed.check_shared_directory(self.workdir)
 
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
         self.pad_id = self.tokenizer.pad_token_id
@@ -130,8 +139,15 @@ class Trainer:
                 f"config.data.train_files: {len(train_prompts)} usable prompts, fewer than "
                 f"config.train.prompts_per_step={c.train.prompts_per_step}"
             )
+        # Every process reads the whole (deterministic) step batch: the sampler runs on the
+        # global mesh, so all processes feed it the same prompts.
         self.dataset = PromptDataset(
-            train_prompts, c.train.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle
+            train_prompts,
+            c.train.prompts_per_step,
+            seed=c.seed,
+            shuffle=c.data.shuffle,
+            process_index=0,
+            process_count=1,
         )
         self.data_iter = self.dataset.iterator()
         self.eval_prompts = None
@@ -160,35 +176,35 @@ class Trainer:
             c.optim, c.train.steps, config_lib.updates_per_step(c)
         )
         epochs = -(-c.train.steps // max(self.dataset.batches_per_epoch, 1))
-        self.settings = grpo.LossSettings.from_config(c, num_epochs=epochs)
-        self.state = grpo.init_state(params, self.tx, c)
-        prefill = max(16, 1 << (c.data.max_prompt_len - 1).bit_length())
+        shards = batch_shards(self.mesh)
+        self.settings = grpo.LossSettings.from_config(c, num_epochs=epochs, batch_shards=shards)
+        num_sequences = c.train.prompts_per_step * c.rollout.n
+        self.row_order = grpo.device_order(num_sequences, c.train.micro_batch_sequences, shards)
+        abstract = programs.abstract_train_state(params, self.tx, c)
+        self.programs = programs.build(
+            self.graphdef, self.tx, self.settings, self.mesh, abstract, num_sequences
+        )
+        init = jax.jit(
+            lambda p: grpo.init_state(p, self.tx, c), out_shardings=self.programs.state_shardings
+        )
+        self.state = init(params)
         self.engine = Engine(
             model,
-            max_concurrent_decodes=c.rollout.max_slots,
-            max_prefill_length=prefill,
-            max_target_length=prefill + c.rollout.max_new_tokens,
+            **config_lib.engine_shape(c),
             max_stop_tokens=max(8, len(self.stop_ids)),
             mesh=self.mesh,
         )
-        s, graphdef, tx = self.settings, self.graphdef, self.tx
-        self._policy_pass = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))
-        self._update = jax.jit(
-            lambda st, mb, inputs: grpo.update(st, graphdef, tx, mb, inputs, s), donate_argnums=0
-        )
-        self._step_inputs = jax.jit(lambda st, lp, m, e: grpo.step_inputs(st, lp, m, e, s))
-        self._finish_step = jax.jit(lambda st, h, inputs: grpo.finish_step(st, h, inputs, s))
-        self._diagnostics = jax.jit(grpo.rollout_diagnostics)
-        self._entropy_check = jax.jit(lambda b0, b1, b: grpo.entropy_check(graphdef, b0, b1, b, s))
         self.checkpointer = Checkpointer(
             os.path.join(os.path.abspath(self.workdir), "checkpoints"), c.train.max_checkpoints
         )
         self.start_step = 0
         if (latest := self.checkpointer.latest_step()) is not None:
             self.state, data_state = self.checkpointer.restore(latest, self.state)
+            self.state = jax.device_put(self.state, self.programs.state_shardings)
             self.data_iter.set_state(data_state)
             self.start_step = int(self.state.step)
             log.info("resumed from %s at step %d", self.checkpointer.directory, self.start_step)
+        self._check_processes_agree()
         if jax.process_index() == 0:
             record_config(config, self.workdir, resuming=self.start_step > 0)
         self.metrics = MetricsWriter(
@@ -219,10 +235,19 @@ class Trainer:
             progress=self.config.train.progress and len(prompts) * n >= 1024,
         )
 
-    def _score(self, completions, answers: list[str], n: int):
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        result = self.reward_fn.score_batch(texts, [a for a in answers for _ in range(n)])
-        return np.asarray(result.rewards, np.float32), result
+    def _score(self, completions, answers: list[str], n: int) -> tuple[np.ndarray, int]:
+        """Rewards of every completion and the count of checker errors; with several
+        processes each scores its share and the shares are gathered."""
+        mine = distributed.share(len(completions))
+        texts = [
+            self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[mine]
+        ]
+        result = self.reward_fn.score_batch(texts, [a for a in answers for _ in range(n)][mine])
+        rewards = np.asarray(result.rewards, np.float32)
+        errors = np.asarray([result.num_errors], np.int64)
+        rewards = distributed.gather(rewards, len(completions))
+        errors = distributed.gather(errors, jax.process_count()).sum()
+        return rewards, int(errors)
 
     def collect(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Rollouts, rewards and advantages of one step (with DAPO dynamic sampling)."""
@@ -237,9 +262,9 @@ class Trainer:
             seed = derive_seed(c.seed, step, attempt)
             out = self._generate(batch.input_ids, n, seed)
             flat = [comp for group in out for comp in group]
-            rewards, result = self._score(flat, batch.answers, n)
+            rewards, num_errors = self._score(flat, batch.answers, n)
             all_rewards.append(rewards)
-            errors += result.num_errors
+            errors += num_errors
             for i, prompt in enumerate(batch.input_ids):
                 g = (prompt, out[i], rewards[i * n : (i + 1) * n])
                 informative = not c.algo.dynamic_sampling or np.ptp(g[2]) > 0
@@ -278,18 +303,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """A host array of rollout rows (the same on every process) on the mesh, rows in
+        the device order."""
+        return distributed.global_array(x[self.row_order], self.programs.batch_sharding)
+
     def _device_batch(self, arrays: dict[str, np.ndarray], zeros: jax.Array) -> grpo.Batch:
-        """The rollout arrays on the mesh (batch-sharded); log-prob fields start as zeros."""
-
-        def put(x):
-            names = ("batch",) + (None,) * (x.ndim - 1)
-            return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
-
+        """The rollout arrays on the mesh (row-sharded); log-prob fields start as zeros."""
         return grpo.Batch(
-            input_ids=put(arrays["input_ids"]),
-            attention_mask=put(arrays["attention_mask"]),
-            response_mask=put(arrays["response_mask"]),
-            advantages=put(arrays["advantages"]),
+            input_ids=self._put(arrays["input_ids"]),
+            attention_mask=self._put(arrays["attention_mask"]),
+            response_mask=self._put(arrays["response_mask"]),
+            advantages=self._put(arrays["advantages"]),
             old_logp=zeros,
             old_entropy=zeros,
             ref_logp=zeros,
@@ -312,41 +337,39 @@ class Trainer:
 
     def _update_step(self, step: int, arrays: dict[str, np.ndarray], info: dict) -> dict:
         """Old-policy pass, the step's optimizer updates and controllers, and diagnostics."""
-        c = self.config
-        zeros = jnp.zeros(arrays["response_mask"].shape, jnp.float32)
+        c, fns = self.config, self.programs
+        zeros = self._put(np.zeros(arrays["response_mask"].shape, np.float32))
         batch = self._device_batch(arrays, zeros)
-        logp, entropy = self._policy_pass(self.state.params, batch)
+        logp, entropy = fns.policy_pass(self.state.params, batch)
         mask = batch.response_mask
-        sampler_logp = jnp.asarray(arrays["sampler_logp"])
+        sampler_logp = self._put(arrays["sampler_logp"])
         ref_logp = zeros
         if self.ref_params is not None:
-            ref_logp, _ = self._policy_pass(self.ref_params, batch)
+            ref_logp, _ = fns.policy_pass(self.ref_params, batch)
         old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
         batch = batch._replace(old_logp=old_logp, old_entropy=entropy, ref_logp=ref_logp)
-        inputs = self._step_inputs(self.state, old_logp, mask, jnp.int32(info["epoch"]))
+        inputs = fns.step_inputs(self.state, old_logp, mask, np.int32(info["epoch"]))
         params_before = None
         if self._check_entropy(step):  # a copy: the updates donate the state's buffers
             params_before = jax.tree.map(jnp.copy, self.state.params)
         n_mini = config_lib.updates_per_step(c)
-        size = batch.input_ids.shape[0] // n_mini
         per_update = []
-        for k in range(n_mini):
-            mini = jax.tree.map(lambda x, k=k: x[k * size : (k + 1) * size], batch)
-            self.state, m = self._update(self.state, mini, inputs)
+        for k in range(n_mini):  # mini-batch k is sliced on device, within each shard
+            self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
             per_update.append(m)
         step_entropy = losses.masked_mean(entropy, mask)
         prev_entropy = self.state.entropy
-        self.state = self._finish_step(self.state, step_entropy, inputs)
+        self.state = fns.finish_step(self.state, step_entropy, inputs)
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
         stats = {
             "entropy": step_entropy,
             "entropy_delta": step_entropy - prev_entropy,  # NaN on the first step
             "sampler_logp_abs_diff": jnp.sum(jnp.abs(logp - sampler_logp) * mask) / tokens,
-            **self._diagnostics(batch),
+            **fns.diagnostics(batch),
         }
         if params_before is not None:
-            stats |= self._entropy_check(params_before, self.state.params, batch)
-        stats, per_update, inputs = jax.device_get((stats, per_update, inputs))
+            stats |= fns.entropy_check(params_before, self.state.params, batch)
+        stats, per_update, inputs = distributed.to_host((stats, per_update, inputs))
 
         metrics = {k: float(v) for k, v in stats.items()}
         for key in per_update[0]:
@@ -396,12 +419,12 @@ class Trainer:
         self.engine.update_params(self.state.params)
         t0 = time.perf_counter()
         out = self._generate(ids, k, seed=derive_seed(c.seed, step, EVAL_STREAM))
-        rewards, result = self._score([comp for g in out for comp in g], answers, k)
+        rewards, num_errors = self._score([comp for g in out for comp in g], answers, k)
         avg, pass_k = avg_and_pass_at_k(rewards.reshape(len(ids), k) >= 1.0)
         return {
             f"eval_avg@{k}": avg,
             f"eval_pass@{k}": pass_k,
-            "eval_reward_errors": int(result.num_errors),
+            "eval_reward_errors": num_errors,
             "time_eval": time.perf_counter() - t0,
         }
 
@@ -430,9 +453,10 @@ class Trainer:
                 bar.set_postfix(
                     reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
                 )
-                if step % c.train.log_every == 0 or last:
+                if (step % c.train.log_every == 0 or last) and jax.process_index() == 0:
                     bar.write(console_line(step, steps, metrics, CONSOLE_KEYS))
                 if last or (c.train.checkpoint_every and step % c.train.checkpoint_every == 0):
+                    self._check_processes_agree()
                     self.checkpointer.save(step, self.state, self.data_iter.get_state())
         finally:
             bar.close()
@@ -440,6 +464,19 @@ class Trainer:
             self.metrics.close()
             self.reward_fn.close()
         self.export()
+
+    def _check_processes_agree(self) -> None:
+        """The host-side state every process must hold identically (no-op with one)."""
+        st = self.state
+        distributed.check_same(
+            "the training state (step, controllers, PRNG key, data position)",
+            {
+                "data": self.data_iter.get_state(),
+                "host": distributed.to_host(
+                    (st.step, st.controllers, jax.random.key_data(st.rng), st.entropy)
+                ),
+            },
+        )
 
     def export(self) -> str:
         """The final policy as a Hugging Face checkpoint in `workdir/hf/`."""
@@ -450,20 +487,44 @@ class Trainer:
         return path
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/grpo.py", "Experiment config file, e.g. configs/grpo.py:demo"
-)
+def define_flags() -> None:
+    """The command line's flags (defined only when run, so that modules import together)."""
+    config_flags.DEFINE_config_file(
+        "config", "configs/grpo.py", "Experiment config file, e.g. configs/grpo.py:demo"
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "HOST:PORT of process 0, to run as several processes"
+    )
+    flags.DEFINE_integer("num_processes", None, "processes of the run (with a coordinator)")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+    flags.DEFINE_bool(
+        "distributed", False, "join a multi-process run detected from the environment "
+        "(Cloud TPU slices, SLURM)"
+    )  # fmt: skip
+    flags.DEFINE_integer("distributed_timeout_s", 300, "time to wait for every process")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if os.environ.get("JAXRLVR_DISTRIBUTED") == "1":  # multi-host slice (launch/)
-        jax.distributed.initialize()
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax / JAX info logs
     logging.getLogger("jaxrlvr").setLevel(logging.INFO)
-    Trainer(_CONFIG.value).run()
+    f = flags.FLAGS
+    try:
+        distributed.initialize(
+            f.coordinator_address,
+            f.num_processes,
+            f.process_id,
+            auto=f.distributed or os.environ.get("JAXRLVR_DISTRIBUTED") == "1",
+            timeout_s=f.distributed_timeout_s,
+        )
+        trainer = Trainer(f.config)
+    except (config_lib.ConfigError, distributed.DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    trainer.run()
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -94,7 +94,8 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     assert rel_err(bf16_params(ids), fp32) <= BF16_RTOL
 
 
-def test_remat_gives_identical_values_and_gradients():
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_identical_values_and_gradients(remat):
     cfg = tiny()
     ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 9)))
 
@@ -103,10 +104,31 @@ def test_remat_gives_identical_values_and_gradients():
         loss = lambda m: jnp.mean(jax.nn.log_softmax(m(ids))[..., 0])  # noqa: E731
         return nnx.value_and_grad(loss)(model)
 
-    (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
+    (l0, g0), (l1, g1) = loss_and_grad("none"), loss_and_grad(remat)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_setting_is_checked():
+    assert tiny(remat=True).remat == "full" and tiny(remat=False).remat == "none"
+    with pytest.raises(ValueError, match="remat='some'"):
+        tiny(remat="some")
+
+
+def test_layers_are_stacked_and_scanned():
+    """One stacked layer module: the program does not grow with depth."""
+    shallow, deep = tiny(num_hidden_layers=2), tiny(num_hidden_layers=12)
+    ids = jnp.zeros((1, 8), jnp.int32)
+
+    def hlo_size(cfg):
+        gd, st = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
+        return len(jax.jit(lambda s: nnx.merge(gd, s)(ids)).lower(st).as_text())
+
+    model = Qwen2(deep, rngs=nnx.Rngs(0))
+    assert model.layers.mlp.up_kernel[...].shape == (12, 64, 128)
+    assert model.init_cache(2, 16).k.shape == (12, 2, 16, 2, 16)
+    assert hlo_size(deep) < 1.05 * hlo_size(shallow)
 
 
 def test_presets_match_published_shapes():

@@ -259,7 +259,7 @@ def test_resharding_from_a_trainer_mesh(model, engine, prompts):
         mesh=make_mesh([2, 2, 2]),
     )
     assert eng.params["embed"][...].sharding.spec != nnx.state(trainer)["embed"][...].sharding.spec
-    assert eng.init_decode_state().cache.k[0].sharding.spec[0] == ("data", "fsdp")
+    assert eng.init_decode_state().cache.k.sharding.spec[1] == ("data", "fsdp")  # [L, B, ...]
     sp = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)
     got = generate(eng, prompts, sp)
     ref = generate(engine, prompts, sp)

@@ -17,12 +17,13 @@ EXPECTED_SPECS = {  # (1, 4, 2) mesh: fsdp=4, tensor=2, as LOGICAL_AXIS_RULES sa
     ("embed",): P("tensor", "fsdp"),
     ("lm_head",): P("fsdp", "tensor"),
     ("final_norm", "scale"): P(None),
-    ("layers", 0, "attn", "q_kernel"): P("fsdp", "tensor", None),
-    ("layers", 0, "attn", "k_kernel"): P("fsdp", "tensor", None),
-    ("layers", 0, "attn", "q_bias"): P("tensor", None),
-    ("layers", 0, "attn", "o_kernel"): P("tensor", None, "fsdp"),
-    ("layers", 1, "mlp", "gate_kernel"): P("fsdp", "tensor"),
-    ("layers", 1, "mlp", "down_kernel"): P("tensor", "fsdp"),
+    # stacked decoder layers: the leading `layers` axis stays whole
+    ("layers", "attn", "q_kernel"): P(None, "fsdp", "tensor", None),
+    ("layers", "attn", "k_kernel"): P(None, "fsdp", "tensor", None),
+    ("layers", "attn", "q_bias"): P(None, "tensor", None),
+    ("layers", "attn", "o_kernel"): P(None, "tensor", None, "fsdp"),
+    ("layers", "mlp", "gate_kernel"): P(None, "fsdp", "tensor"),
+    ("layers", "mlp", "down_kernel"): P(None, "tensor", "fsdp"),
 }
 
 
@@ -62,7 +63,8 @@ def test_shard_model_places_existing_model():
     mesh = make_mesh((2, 2, 2))
     model = shard_model(Qwen2(tiny(), rngs=nnx.Rngs(0)), mesh)
     assert model.embed[...].sharding.spec == P("tensor", "fsdp")
-    assert model.layers[0].mlp.up_kernel[...].sharding.spec == P("fsdp", "tensor")
+    # stacked layers: the leading `layers` axis is not split
+    assert model.layers.mlp.up_kernel[...].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_rules_replicate_dimensions_that_do_not_divide():
@@ -87,3 +89,34 @@ def test_mesh_shape_errors():
         make_mesh((2, 4, 2))
     with pytest.raises(ValueError, match="must have 3 entries"):
         make_mesh((8,))
+
+
+def test_device_order_makes_micro_batches_local_slices():
+    """Rows laid out by `device_order`: micro-batch g of `split_rows` is logical rows
+    g*m ... g*m + m - 1 in order, and slicing a mini-batch moves no data between devices."""
+    from jax.sharding import NamedSharding
+
+    from jaxrlvr import grpo
+
+    n, micro, shards = 64, 16, 8
+    order = grpo.device_order(n, micro, shards)
+    logical = np.arange(n) * 10
+    parts = np.asarray(grpo.split_rows(logical[order], n // micro, shards))
+    np.testing.assert_array_equal(parts, logical.reshape(n // micro, micro))
+    np.testing.assert_array_equal(np.asarray(grpo.merge_rows(parts, shards)), logical[order])
+
+    mesh = make_mesh((1, 8, 1))
+    rows = NamedSharding(mesh, P("fsdp"))
+    settings = grpo.LossSettings(
+        prompt_len=4, temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=None,
+        loss_agg="token-mean", kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+        logp_chunk=4, micro_batch=micro, updates=2, batch_shards=shards,
+    )  # fmt: skip
+    x = jax.device_put(jnp.asarray(logical[order]), rows)
+    fn = jax.jit(lambda b, k: grpo.mini_batch(b, k, settings), out_shardings=rows)
+    hlo = fn.lower(x, 1).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
+    mini = np.asarray(fn(x, 1))  # mini-batch 1 = logical micro-batches 2 and 3
+    np.testing.assert_array_equal(
+        np.asarray(grpo.split_rows(mini, 2, shards)), logical[32:].reshape(2, micro)
+    )

@@ -134,6 +134,7 @@ def test_micro_batch_invariance(loss_agg):
     c.algo.kl_coef = 0.1
     c.algo.entropy_coef = 0.01
     c.data.max_prompt_len = 6
+    c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
     cfg = preset("tiny")
     model = Qwen2(cfg, rngs=nnx.Rngs(1))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -145,7 +146,7 @@ def test_micro_batch_invariance(loss_agg):
         s = grpo.LossSettings.from_config(c)
         state = grpo.init_state(params, tx, c)
         inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
-        update = jax.jit(lambda st, b, i, s=s: grpo.update(st, graphdef, tx, b, i, s))
+        update = jax.jit(lambda st, b, i, s=s: grpo.update(st, graphdef, tx, b, 0, i, s))
         new, metrics = update(state, batch, inputs)
         results.append((new.params, metrics))
     (p1, m1), (p4, m4) = results
@@ -163,6 +164,7 @@ def test_first_update_is_on_policy():
     """With old log-probs from the policy pass, the first update's ratio is exactly 1."""
     c = base_config("demo")
     c.data.max_prompt_len = 6
+    c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
     c.train.micro_batch_sequences = 4
     cfg = preset("tiny")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(2)), nnx.Param)
@@ -178,7 +180,7 @@ def test_first_update_is_on_policy():
     tx, _ = grpo.make_optimizer(c.optim, 10, 1)
     state = grpo.init_state(params, tx, c)
     inputs = grpo.step_inputs(state, logp, batch.response_mask, jnp.int32(0), s)
-    _, m = grpo.update(state, graphdef, tx, batch._replace(old_logp=logp), inputs, s)
+    _, m = grpo.update(state, graphdef, tx, batch._replace(old_logp=logp), 0, inputs, s)
     assert float(m["approx_kl"]) < 1e-10 and float(m["pg_clipfrac"]) == 0.0
 
 
@@ -287,6 +289,7 @@ def test_every_intervention_updates(intervention, sub):
     for k, v in sub.items():
         c.algo[intervention][k] = v
     c.data.max_prompt_len = 6
+    c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
     c.train.micro_batch_sequences = 4
     cfg = preset("tiny")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(3)), nnx.Param)
@@ -298,7 +301,7 @@ def test_every_intervention_updates(intervention, sub):
     noise = 0.05 * jax.random.normal(jax.random.key(1), logp.shape)
     batch = batch._replace(old_logp=logp + noise, old_entropy=ent)
     inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(1), s)
-    new, m = jax.jit(lambda st, b: grpo.update(st, graphdef, tx, b, inputs, s))(state, batch)
+    new, m = jax.jit(lambda st, b: grpo.update(st, graphdef, tx, b, 0, inputs, s))(state, batch)
     assert all(np.isfinite(float(v)) for v in m.values())
     assert float(m["grad_norm"]) > 0
     assert not np.array_equal(jax.random.key_data(new.rng), jax.random.key_data(state.rng))
@@ -342,3 +345,29 @@ def test_controllers_survive_checkpoint(tmp_path):
     assert float(restored.controllers.lam.lam) == pytest.approx(0.35)
     assert float(restored.controllers.alpha.alpha) == pytest.approx(0.004)
     assert np.array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_give_the_same_training_metrics(tiny_policy, tmp_path, remat):
+    """Two steps with remat in every pass (policy, reference, update, entropy check) match
+    the run without remat to 1e-5 (float32; only the recompute order differs)."""
+    from jaxrlvr import train
+
+    kw = {
+        "train.steps": 2,
+        "train.eval_every": 1,
+        "diagnostics.entropy_check_every": 1,
+        "algo.kl_coef": 0.05,
+        "algo.entropy_coef": 0.05,  # a gradient although the random policy earns no reward
+    }
+    runs = {}
+    for setting in ("none", remat):
+        workdir = tmp_path / setting
+        train.Trainer(tiny_config(tiny_policy, workdir, **kw, **{"model.remat": setting})).run()
+        runs[setting] = _comparable(read_metrics(workdir))
+    for base, other in zip(runs["none"], runs[remat], strict=True):
+        assert base.keys() == other.keys()
+        for key, value in base.items():
+            if isinstance(value, float):
+                np.testing.assert_allclose(other[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    assert runs["none"][-1]["grad_norm"] > 0 and "dH_actual" in runs["none"][-1]

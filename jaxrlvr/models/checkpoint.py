@@ -3,7 +3,9 @@
 Loading never builds the model on one host first: the model is created abstractly
 (`nnx.eval_shape`), then each tensor is memory-mapped from its safetensors file, converted
 to this port's layout, and placed shard by shard onto its `NamedSharding` with
-`jax.make_array_from_callback`. Peak host memory is one tensor.
+`jax.make_array_from_callback`. Peak host memory is one tensor. The port stacks the
+decoder layers (`model.layers.{i}.*` of every i become one parameter with a leading
+`layers` axis): each layer's tensor is placed on its own, then stacked on the devices.
 
 Saving writes what `transformers.Qwen2ForCausalLM.from_pretrained` reads, atomically (a
 temporary directory renamed into place), so a trained policy can be evaluated by any
@@ -150,6 +152,13 @@ def _transpose(x):
     return x.T
 
 
+def _hf_layouts(path: tuple, cfg: Qwen2Config) -> list[_Layout]:
+    """The Hugging Face tensors of one parameter: one per decoder layer for a stacked one."""
+    if path[0] == "layers":
+        return [_hf_layout(("layers", i, *path[1:]), cfg) for i in range(cfg.num_hidden_layers)]
+    return [_hf_layout(path, cfg)]
+
+
 def _hf_layout(path: tuple, cfg: Qwen2Config) -> _Layout:
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     h, k, v = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size
@@ -222,24 +231,27 @@ def load_hf_checkpoint(
 
     plan, missing = [], []
     for key, var in flat:
-        layout = _hf_layout(key, cfg)
-        ref = refs.get(layout.name)
-        if ref is None:
-            missing.append(layout.name)
-            continue
-        if ref.shape != layout.hf_shape:
-            raise ValueError(
-                f"{path}: tensor {layout.name!r} in {os.path.basename(ref.file)} has shape "
-                f"{list(ref.shape)}, expected {list(layout.hf_shape)} for this config.json"
-            )
-        plan.append((var, layout, ref))
+        parts = []
+        for layout in _hf_layouts(key, cfg):
+            ref = refs.get(layout.name)
+            if ref is None:
+                missing.append(layout.name)
+                continue
+            if ref.shape != layout.hf_shape:
+                raise ValueError(
+                    f"{path}: tensor {layout.name!r} in {os.path.basename(ref.file)} has shape "
+                    f"{list(ref.shape)}, expected {list(layout.hf_shape)} for this config.json"
+                )
+            parts.append((layout, ref))
+        plan.append((key, var, parts))
     if missing:
         raise ValueError(
             f"{path}: {len(missing)} tensor(s) missing from the checkpoint: "
             + ", ".join(repr(n) for n in sorted(missing)[:4])
             + (", ..." if len(missing) > 4 else "")
         )
-    unused = set(refs) - {layout.name for _, layout, _ in plan} - {"lm_head.weight"}
+    unused = set(refs) - {layout.name for *_, parts in plan for layout, _ in parts}
+    unused -= {"lm_head.weight"}
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
     if unused:
         log.warning(
@@ -248,19 +260,37 @@ def load_hf_checkpoint(
 
     target = np.dtype(as_dtype(cfg.param_dtype))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    for var, layout, ref in plan:
+    for key, var, parts in plan:
         sharding = default
+        names = logical_axes_of(var)
         if mesh is not None:
-            sharding = named_sharding(mesh, logical_axes_of(var), var.shape, rules)
-        host = np.asarray(layout.to_port(ref.read()), dtype=target)
-        var.set_value(_place(host, sharding))
-    log.info("loaded %s: %d tensors, %s params", path, len(plan), f"{_num_params(flat):,}")
+            sharding = named_sharding(mesh, names, var.shape, rules)
+
+        def host(part):
+            layout, ref = part
+            return np.asarray(layout.to_port(ref.read()), dtype=target)
+
+        if key[0] != "layers":
+            var.set_value(_place(host(parts[0]), sharding))
+            continue
+        layer_sharding = default  # one layer's tensor: the stacked sharding less its first axis
+        if mesh is not None:
+            layer_sharding = named_sharding(mesh, names[1:], var.shape[1:], rules)
+        layers = [_place(host(part), layer_sharding) for part in parts]
+        var.set_value(_stack(sharding)(*layers))
+    tensors = sum(len(parts) for *_, parts in plan)
+    log.info("loaded %s: %d tensors, %s params", path, tensors, f"{_num_params(flat):,}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array from a host copy: each device receives only its own slice."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _stack(sharding: jax.sharding.Sharding):
+    """A jitted `stack` of per-layer arrays onto the stacked parameter's sharding."""
+    return jax.jit(lambda *layers: jax.numpy.stack(layers), out_shardings=sharding)
 
 
 def _num_params(flat) -> int:
@@ -295,10 +325,11 @@ def save_hf_checkpoint(
     out_dtype = np.dtype(as_dtype(dtype or cfg.param_dtype))
     tensors: dict[str, np.ndarray] = {}
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        layout = _hf_layout(key, cfg)
-        tensors[layout.name] = np.ascontiguousarray(
-            layout.to_hf(_to_host(var[...])).astype(out_dtype)
-        )
+        value = _to_host(var[...])
+        layouts = _hf_layouts(key, cfg)
+        pieces = value if key[0] == "layers" else [value]  # a stacked parameter: per layer
+        for layout, piece in zip(layouts, pieces, strict=True):
+            tensors[layout.name] = np.ascontiguousarray(layout.to_hf(piece).astype(out_dtype))
     if jax.process_index() != 0:
         return
 

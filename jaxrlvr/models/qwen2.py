@@ -4,6 +4,11 @@ One readable file: config and presets, RMSNorm, split-half rotary embeddings, gr
 attention with q/k/v biases, SwiGLU MLP, tied or untied LM head, and a KV cache for
 incremental decoding in which every batch row sits at its own position.
 
+The decoder layers are one module whose parameters carry a leading `layers` axis, run by
+`jax.lax.scan`: the compiled program, its compile time and its compile memory do not grow
+with depth. Activation checkpointing wraps the scanned layer with a `jax.checkpoint`
+policy (`Qwen2Config.remat`: `none`, `full` or `dots`).
+
 Numerics follow Hugging Face `Qwen2ForCausalLM`: norms, rotary tables and the attention
 softmax are computed in float32; matmuls run in the compute `dtype`; logits are returned in
 float32. Every parameter names its dimensions with logical axes (see `jaxrlvr.sharding`).
@@ -24,7 +29,18 @@ from jaxrlvr.sharding import constrain
 
 Array = jax.Array
 
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# What the backward pass keeps of a decoder layer's forward (`Qwen2Config.remat`):
+# none: everything (no recompute); full: only the layer's input (recompute the whole layer);
+# dots: the outputs of the weight matmuls (recompute norms, activations and attention).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def as_dtype(name: str | Any) -> jnp.dtype:
@@ -55,9 +71,13 @@ class Qwen2Config:
     # numerics of this port (not part of the HF architecture)
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters
-    remat: bool = False  # activation checkpointing per decoder layer
+    remat: str = "none"  # activation checkpointing per decoder layer: none | full | dots
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # older configs: True / False
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by "
@@ -186,14 +206,14 @@ def preset(name: str, **overrides) -> Qwen2Config:
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values, `[B, S, K, Dh]` each; cache slot index == token position."""
+    """Keys and values of every layer, `[L, B, S, K, Dh]` each; slot index == token position."""
 
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
+    k: Array
+    v: Array
 
     @property
     def max_length(self) -> int:
-        return self.k[0].shape[1]
+        return self.k.shape[2]
 
 
 # --------------------------------------------------------------------------- layers
@@ -262,9 +282,10 @@ class Attention(nnx.Module):
         cos: Array,  # [B, T, Dh]
         sin: Array,
         mask: Array,  # [B, T, S] bool: query t may attend key slot s
-        kv: tuple[Array, Array] | None,  # cache ([B, S, K, Dh] x 2) or None
+        kv: KVCache | None,  # the whole cache ([L, B, S, K, Dh] x 2) or None
+        layer: Array | None,  # [] int: this layer's index in the cache
         cache_index: Array | None,  # [B] slot of x[:, 0] in the cache
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+    ) -> tuple[Array, KVCache | None]:
         dt = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(
             dt
@@ -278,14 +299,14 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
-        if kv is not None:  # write the new keys/values at each row's own slot
-            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
-            k_cache = write(kv[0], k.astype(kv[0].dtype), cache_index)
-            v_cache = write(kv[1], v.astype(kv[1].dtype), cache_index)
-            names = ("batch", "cache_length", "kv_heads", "head_dim")
-            k_cache, v_cache = constrain(k_cache, names), constrain(v_cache, names)
-            kv = (k_cache, v_cache)
-            k, v = k_cache.astype(dt), v_cache.astype(dt)
+        if kv is not None:  # write the new keys/values at each row's own slots, then read
+            rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+            slots = cache_index[:, None] + jnp.arange(x.shape[1])  # [B, T]
+            kv = KVCache(
+                constrain(kv.k.at[layer, rows, slots].set(k.astype(kv.k.dtype)), CACHE_AXES),
+                constrain(kv.v.at[layer, rows, slots].set(v.astype(kv.v.dtype)), CACHE_AXES),
+            )
+            k, v = kv.k[layer].astype(dt), kv.v[layer].astype(dt)  # [B, S, K, Dh]
 
         b, t, h, hd = q.shape
         n_kv = k.shape[2]
@@ -313,17 +334,65 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """One decoder layer (`Qwen2.layers` holds all of them stacked: see `stack_layers`)."""
+
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_norm = RMSNorm(d, eps, cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(d, eps, cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, cache_index=None):
-        attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, cache_index)
+    def __call__(self, x, cos, sin, mask, kv=None, layer=None, cache_index=None):
+        attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, layer, cache_index)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return constrain(x, ("batch", "length", "act_embed")), kv
+
+
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One `DecoderLayer` whose every parameter stacks the layers' on a leading `layers` axis.
+
+    The layers are built one by one first, so random initialisation draws exactly what an
+    unstacked model would."""
+    splits = [nnx.split(layer) for layer in layers]
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        names = variables[0].get_metadata().get("logical_axes") or (None,) * variables[0].ndim
+        value = jnp.stack([v[...] for v in variables])
+        return variables[0].replace(value, logical_axes=("layers", *names))
+
+    states = [state for _, state in splits]
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(splits[0][0], stacked)
+
+
+def scan_layers(
+    layers: DecoderLayer,
+    x: Array,  # [B, T, D]
+    cos: Array,
+    sin: Array,
+    mask: Array,
+    cache: KVCache | None = None,
+    cache_index: Array | None = None,
+    remat: str = "none",
+) -> tuple[Array, KVCache | None]:
+    """Run the stacked decoder layers in order with `jax.lax.scan`.
+
+    Each step slices one layer's parameters off the `layers` axis. The cache, when given,
+    rides in the carry and each layer writes its own slice in place.
+    """
+    graphdef, stacked = nnx.split(layers)
+
+    def body(carry, params):
+        h, kv, i = carry
+        h, kv = nnx.merge(graphdef, params)(h, cos, sin, mask, kv, i, cache_index)
+        return (h, kv, i + 1), None
+
+    if cache is None and REMAT_POLICIES[remat] is not None:
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), stacked)
+    return x, cache
 
 
 # --------------------------------------------------------------------------- model
@@ -336,7 +405,9 @@ class Qwen2(nnx.Module):
         self.config = cfg
         pdt = as_dtype(cfg.param_dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt, 0.02)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = stack_layers(
+            [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
@@ -392,19 +463,8 @@ class Qwen2(nnx.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is None:
-                if cfg.remat:
-                    x, _ = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
-                else:
-                    x, _ = layer(x, cos, sin, mask)
-            else:
-                x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), cache_index)
-                new_k.append(k)
-                new_v.append(v)
-        x = self.final_norm(x)
-        return x, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
+        x, cache = scan_layers(self.layers, x, cos, sin, mask, cache, cache_index, cfg.remat)
+        return self.final_norm(x), cache
 
     def logits(self, hidden: Array) -> Array:
         """`[B, T, D]` hidden states -> `[B, T, V]` float32 logits."""
@@ -435,9 +495,5 @@ class Qwen2(nnx.Module):
 
 def init_cache(cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     dt = as_dtype(cfg.dtype if dtype is None else dtype)
-    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
-    return KVCache(zeros, tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers)))
-
-
-CACHE_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+    shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))

@@ -14,9 +14,11 @@ The engine follows the contract of `jetstream.engine.engine_api.Engine` (see
 
 The hot functions are pure functions of `(graphdef, params, ...)`, jit-compiled once per
 model architecture and shape (shared by every engine over an equal `graphdef`) with the
-decode state donated. Every request carries its own PRNG key; the key of its t-th
-generated token is `fold_in(key, t)`, so samples do not depend on which slot, batch or
-schedule they ran in.
+decode state donated. The engine keeps its own copy of the weights in the model's compute
+dtype, laid out by `SAMPLER_AXIS_RULES` (model parallel, nothing gathered per decode step);
+`update_params` refreshes it from the trainer's parameters once per step. Every request
+carries its own PRNG key; the key of its t-th generated token is `fold_in(key, t)`, so
+samples do not depend on which slot, batch or schedule they ran in.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlvr.models.qwen2 import CACHE_AXES, KVCache, Qwen2, init_cache
+from jaxrlvr.models.qwen2 import CACHE_AXES, KVCache, Qwen2, as_dtype, init_cache
 from jaxrlvr.sampling.sample import sample_tokens
-from jaxrlvr.sharding import make_mesh, named_sharding, state_shardings
+from jaxrlvr.sharding import (
+    SAMPLER_AXIS_RULES,
+    axis_rules,
+    make_mesh,
+    named_sharding,
+    replicate,
+    state_shardings,
+)
 
 Array = jax.Array
 Params = Any  # an nnx.State of the model's parameters
@@ -54,7 +63,7 @@ class RequestParams(NamedTuple):
 class Prefix(NamedTuple):
     """The result of `prefill`: a prompt's KV cache and its first sampled token."""
 
-    cache: KVCache  # [1, P, K, Dh] per layer
+    cache: KVCache  # [L, 1, P, K, Dh]
     logits: Array  # [V] float32: next-token logits after the prompt
     length: Any  # [] int32: true prompt length (cache slot of the first generated token)
     token: Any  # [] int32: first generated token
@@ -65,7 +74,7 @@ class Prefix(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything `generate` transforms; every field has the slot axis B first."""
 
-    cache: KVCache  # [B, S, K, Dh] per layer
+    cache: KVCache  # [L, B, S, K, Dh]
     tokens: Array  # [B] int32: last generated token (the next step's input)
     pos: Array  # [B] int32: cache slot of `tokens`
     num_generated: Array  # [B] int32: tokens generated so far by the slot's request
@@ -116,6 +125,9 @@ def validate_sampling(
     )
 
 
+DECODE_STEPS = 8  # decode steps per `generate_steps` call (per host round trip), by default
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -146,33 +158,32 @@ def _prefill(graphdef, params, tokens, true_length, request):
         request.top_p[None],
         request.top_k[None],
     )
-    return Prefix(cache, logits, true_length, tok[0], lp[0], request)
+    # What the host reads back is whole on every device (and so on every process).
+    return Prefix(cache, logits, true_length, replicate(tok[0]), replicate(lp[0]), request)
 
 
 def _first_tokens(logits, requests: RequestParams):
     """First tokens of n requests sharing one prefix: logits `[V]`, fields `[n, ...]`."""
     n = requests.key.shape[0]
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(requests.key, 0)
-    return sample_tokens(
+    tokens, logprobs = sample_tokens(
         jnp.broadcast_to(logits, (n, logits.shape[0])),
         keys,
         requests.temperature,
         requests.top_p,
         requests.top_k,
     )
+    return replicate(tokens), replicate(logprobs)
 
 
 def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
     """Copy `prefix` into slot `slot` (a traced int) of the decode state."""
     s = state.cache.max_length
 
-    def put(c, p):  # c [B, S, K, Dh], p [1, P, K, Dh]
-        return jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (slot, 0, 0, 0))
+    def put(c, p):  # c [L, B, S, K, Dh], p [L, 1, P, K, Dh]
+        return jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (0, slot, 0, 0, 0))
 
-    cache = KVCache(
-        tuple(map(put, state.cache.k, prefix.cache.k)),
-        tuple(map(put, state.cache.v, prefix.cache.v)),
-    )
+    cache = KVCache(put(state.cache.k, prefix.cache.k), put(state.cache.v, prefix.cache.v))
     r = prefix.request
     stop_ids = jnp.asarray(r.stop_ids, jnp.int32)
     # Finished at its first token: a stop token, a budget of one, or no room to feed it.
@@ -251,7 +262,7 @@ def _generate(graphdef, params, state: DecodeState, refill_at, num_steps: int):
         return i + 1, st, res, freed + jnp.sum(done, dtype=jnp.int32)
 
     i, state, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, jnp.int32(0)))
-    return state, out._replace(num_steps=i)
+    return state, replicate(out._replace(num_steps=i))  # read by the host: whole everywhere
 
 
 def _init_state(cfg, b: int, s: int, ns: int, cache_dtype) -> DecodeState:
@@ -287,16 +298,38 @@ class _Compiled(NamedTuple):
     generate: Any
 
 
+def _sampler_rules(fn):
+    """`fn`, traced with the sampler's logical-axis rules."""
+
+    def wrapped(*args):
+        with axis_rules(SAMPLER_AXIS_RULES):
+            return fn(*args)
+
+    base = fn.func if isinstance(fn, functools.partial) else fn
+    wrapped.__name__ = wrapped.__qualname__ = base.__name__.lstrip("_")  # e.g. jit(generate)
+    wrapped.__doc__ = base.__doc__
+    return wrapped
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef) -> _Compiled:
     """Jitted hot functions for one model architecture, shared by all its engines."""
     return _Compiled(
-        prefill=jax.jit(functools.partial(_prefill, graphdef)),
+        prefill=jax.jit(_sampler_rules(functools.partial(_prefill, graphdef))),
         first_tokens=jax.jit(_first_tokens),
-        insert=jax.jit(_insert, donate_argnums=(1,)),
+        insert=jax.jit(_sampler_rules(_insert), donate_argnums=(1,)),
         generate=jax.jit(
-            functools.partial(_generate, graphdef), static_argnums=(3,), donate_argnums=(1,)
+            _sampler_rules(functools.partial(_generate, graphdef)),
+            static_argnums=(3,),
+            donate_argnums=(1,),
         ),
+    )
+
+
+def _cast(params: Params, dtype) -> Params:
+    """Floating parameters cast to `dtype`."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
     )
 
 
@@ -316,6 +349,8 @@ class Engine:
       decode_steps: decode steps per `generate_steps` call (per host round trip).
       max_stop_tokens: capacity of the per-slot stop-token list.
       cache_dtype: KV-cache dtype (default: the model's compute dtype).
+      param_dtype: dtype of the engine's copy of the weights (default: the model's compute
+        dtype).
       mesh: device mesh for parameters and KV cache (default: all devices on 'fsdp').
     """
 
@@ -326,10 +361,11 @@ class Engine:
         max_concurrent_decodes: int,
         max_prefill_length: int,
         max_target_length: int | None = None,
-        decode_steps: int = 8,
+        decode_steps: int = DECODE_STEPS,
         min_prefill_bucket: int = 16,
         max_stop_tokens: int = 8,
         cache_dtype: Any = None,
+        param_dtype: Any = None,
         mesh: Mesh | None = None,
     ):
         def positive(name, v):
@@ -352,7 +388,7 @@ class Engine:
         self.config = model.config
         self._graphdef, params = nnx.split(model)
         self._fns = _compiled(self._graphdef)
-        self._mesh = make_mesh() if mesh is None else mesh
+        self._mesh = mesh = make_mesh() if mesh is None else mesh
         self._slots = int(max_concurrent_decodes)
         self._max_prefill = int(max_prefill_length)
         self._max_target = int(max_target_length)
@@ -364,9 +400,21 @@ class Engine:
             buckets.append(b)
             b *= 2
         self.prefill_buckets: tuple[int, ...] = (*buckets, self._max_prefill)
-        self._param_shardings = state_shardings(params, self._mesh)
+        self.param_dtype = as_dtype(model.config.dtype if param_dtype is None else param_dtype)
+        self._param_shardings = sampler_param_shardings(params, self._mesh)
         self._param_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        self._state_shardings = self._decode_state_shardings()
+        # Cast and lay out the trainer's parameters in one program (the engine's copy).
+        self._cast = jax.jit(
+            functools.partial(_cast, dtype=self.param_dtype), out_shardings=self._param_shardings
+        )
+        _, self._state_shardings = decode_state_layout(
+            self.config,
+            self._slots,
+            self._max_target,
+            self.max_stop_tokens,
+            cache_dtype,
+            self._mesh,
+        )
         self.params: Params = self.update_params(params)
 
     # -- JetStream Engine contract ---------------------------------------------------
@@ -493,12 +541,12 @@ class Engine:
         ]
 
     def update_params(self, params: Params) -> Params:
-        """Install new parameters (e.g. from the trainer); returns them as placed.
+        """Install new parameters (e.g. from the trainer); returns the engine's copy.
 
-        `params` is an NNX `State` of the model (or the module itself). Parameters with the
-        engine's shardings are used as they are; others (a trainer on a different mesh)
-        are resharded onto the engine's mesh. Shapes and dtypes must match the model's, so
-        nothing is recompiled.
+        `params` is an NNX `State` of the model (or the module itself). The copy is cast to
+        `param_dtype` and laid out by the sampler's rules in one compiled program; from
+        another mesh (a trainer on other devices), the parameters are first moved onto the
+        engine's. Shapes must match the model's, so nothing is recompiled.
         """
         if isinstance(params, nnx.Module):
             params = nnx.state(params)
@@ -507,12 +555,18 @@ class Engine:
         for new, old in zip(
             jax.tree.leaves(params), jax.tree.leaves(self._param_avals), strict=True
         ):
-            if new.shape != old.shape or new.dtype != old.dtype:
+            if new.shape != old.shape:
                 raise ValueError(
                     f"update_params: a parameter of shape {tuple(new.shape)} {new.dtype} where "
                     f"the model has {tuple(old.shape)} {old.dtype}"
                 )
-        self.params = jax.tree.map(_place, params, self._param_shardings)
+        devices = set(self._mesh.devices.flat)
+        if any(
+            not isinstance(x, jax.Array) or x.sharding.device_set != devices
+            for x in jax.tree.leaves(params)
+        ):
+            params = jax.tree.map(_place, params, self._param_shardings)
+        self.params = self._cast(params)
         return self.params
 
     def make_request(
@@ -568,24 +622,28 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------
 
-    def _decode_state_shardings(self) -> DecodeState:
-        abstract = jax.eval_shape(
-            functools.partial(
-                _init_state,
-                self.config,
-                self._slots,
-                self._max_target,
-                self.max_stop_tokens,
-                self._cache_dtype,
-            )
-        )
 
-        def spec(path, x):
-            if path and getattr(path[0], "name", None) == "cache":
-                return named_sharding(self._mesh, CACHE_AXES, x.shape)
-            return named_sharding(self._mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape)
+def decode_state_layout(
+    cfg, slots: int, max_target: int, max_stop_tokens: int, cache_dtype, mesh: Mesh
+) -> tuple[DecodeState, DecodeState]:
+    """The decode state as shapes and dtypes, and its shardings: the KV cache and every
+    per-slot array split on the slot axis, by the sampler's rules."""
+    abstract = jax.eval_shape(
+        functools.partial(_init_state, cfg, slots, max_target, max_stop_tokens, cache_dtype)
+    )
 
-        return jax.tree_util.tree_map_with_path(spec, abstract)
+    def spec(path, x):
+        names = ("cache_batch",) + (None,) * (x.ndim - 1)  # per-slot arrays: like the cache
+        if path and getattr(path[0], "name", None) == "cache":
+            names = CACHE_AXES
+        return named_sharding(mesh, names, x.shape, SAMPLER_AXIS_RULES)
+
+    return abstract, jax.tree_util.tree_map_with_path(spec, abstract)
+
+
+def sampler_param_shardings(params: Params, mesh: Mesh) -> Params:
+    """Where the engine keeps its copy of the weights (`SAMPLER_AXIS_RULES`)."""
+    return state_shardings(params, mesh, SAMPLER_AXIS_RULES)
 
 
 def _place(x: Array, sharding) -> Array:

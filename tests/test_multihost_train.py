@@ -1,0 +1,161 @@
+"""`python -m jaxrlvr.train` as 2 processes x 4 CPU devices on one global mesh.
+
+Each run is compared with a single process on 8 devices, same config and mesh shape:
+the metrics of every step agree to 1e-5. One pair is killed after its first checkpoint,
+restarted, resumes and exports.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import pytest
+from flax import nnx
+
+from jaxrlvr.data.arithmetic import save_demo_tokenizer, write_demo_dataset
+from jaxrlvr.metrics import read_metrics
+from jaxrlvr.models import Qwen2, preset, save_hf_checkpoint
+
+COMPARED = ("reward_mean", "entropy", "loss", "grad_norm", "approx_kl", "kl", "eval_avg@2")
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy")
+    tok = save_demo_tokenizer(path)
+    cfg = preset("tiny", vocab_size=len(tok), hidden_size=32, intermediate_size=64)
+    save_hf_checkpoint(Qwen2(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
+    write_demo_dataset(path, num_train=64, num_eval=8, max_ops=2)
+    return path
+
+
+def train_args(policy, workdir, mesh: str) -> list[str]:
+    return [
+        sys.executable, "-m", "jaxrlvr.train", "--config=configs/grpo.py",
+        f"--config.model.path={policy}",
+        f"--config.data.train_files={policy / 'train.jsonl'}",
+        f"--config.data.eval_files={policy / 'eval.jsonl'}",
+        f"--config.workdir={workdir}", f"--config.mesh.shape={mesh}",
+        "--config.rollout.n=4", "--config.rollout.max_new_tokens=12",
+        "--config.rollout.max_slots=16", "--config.data.max_prompt_len=16",
+        "--config.train.steps=3", "--config.train.prompts_per_step=4",
+        "--config.train.mini_batch_prompts=2", "--config.train.micro_batch_sequences=8",
+        "--config.train.eval_every=2", "--config.train.eval_n=2",
+        "--config.train.eval_max_prompts=4", "--config.train.checkpoint_every=1",
+        "--config.train.progress=False", "--config.reward.num_workers=1",
+        "--config.algo.entropy_coef=0.05", "--config.algo.kl_coef=0.05",
+    ]  # fmt: skip
+
+
+def env(devices: int) -> dict:
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+
+
+def start_pair(args: list[str]) -> list[subprocess.Popen]:
+    coordinator = f"localhost:{portpicker.pick_unused_port()}"
+    return [
+        subprocess.Popen(
+            [
+                *args,
+                f"--coordinator_address={coordinator}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            env=env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def assert_same_metrics(reference, other):
+    a, b = read_metrics(reference), read_metrics(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in COMPARED:
+            if key in ra:
+                np.testing.assert_allclose(
+                    rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=f"{key} at {ra['step']}"
+                )
+    assert a[-1]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("mesh", ["(1,4,2)", "(2,2,2)"])
+def test_two_processes_match_one(policy, tmp_path, mesh):
+    ref = tmp_path / "one"
+    out = subprocess.run(
+        train_args(policy, ref, mesh), env=env(8), capture_output=True, text=True, timeout=400
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    pair = tmp_path / "two"
+    if mesh == "(1,4,2)":
+        finish(start_pair(train_args(policy, pair, mesh)))
+    else:  # killed after its first checkpoint, restarted: resumes, finishes, exports
+        procs = start_pair(train_args(policy, pair, mesh))
+        first = pair / "checkpoints" / "1"
+        deadline = time.time() + 300
+        while not first.exists() and time.time() < deadline and procs[1].poll() is None:
+            time.sleep(0.05)
+        assert first.exists(), procs[1].communicate()[0][-3000:]
+        procs[1].send_signal(signal.SIGKILL)
+        time.sleep(2)
+        procs[0].kill()
+        for p in procs:
+            p.communicate()
+        assert not (pair / "hf").exists()  # the run did not finish
+        outputs = finish(start_pair(train_args(policy, pair, mesh)))
+        assert "resumed from" in outputs[0]
+    assert_same_metrics(ref, pair)
+    assert (pair / "hf" / "model.safetensors").exists()
+    assert json.loads((pair / "config.json").read_text())["mesh"]["shape"] == list(eval(mesh))
+
+
+def test_bad_process_setups_fail_in_one_line(policy, tmp_path):
+    args = train_args(policy, tmp_path / "run", "(1,4,4)")  # 16 devices; the pair has 8
+    outputs = [o.strip().splitlines()[-1] for o in _run_pair_expecting_failure(args)]
+    assert all(o.startswith("error: config.mesh.shape=") for o in outputs), outputs
+    assert all("needs 16 devices, have 8" in o for o in outputs), outputs
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    lonely = subprocess.run(
+        [*train_args(policy, tmp_path / "x", "(1,4,1)"),
+         f"--coordinator_address=localhost:{portpicker.pick_unused_port()}",
+         "--num_processes=2", "--process_id=1", "--distributed_timeout_s=5"],
+        env=env(4), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert lonely.returncode == 2
+    assert lonely.stderr.strip().splitlines()[-1].startswith("error: could not join the run at")
+
+
+def _run_pair_expecting_failure(args) -> list[str]:
+    procs = start_pair(args)
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 2 for p in procs), outputs
+    return outputs
