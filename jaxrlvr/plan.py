@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -236,21 +237,30 @@ class Planner:
 
     # -- helpers
 
-    def _compile(self, name: str, lower: Callable[[], Any], resident: int, flops: float) -> Row:
+    def _compile(self, name: str, program: tuple, resident: int, flops: float) -> Row:
+        """Compile `fn(*args)` (abstract, sharded args) and measure it. A program XLA
+        refuses for lack of HBM is a row too, with the temporaries it asked for."""
+        fn, args = program
         t0 = time.perf_counter()
         with jax.set_mesh(self.mesh):
-            compiled = lower().compile()
+            lowered = fn.lower(*args)
+            try:
+                m = lowered.compile().memory_analysis()
+                sizes = dict(
+                    arguments=int(m.argument_size_in_bytes),
+                    temp=int(m.temp_size_in_bytes),
+                    outputs=int(m.output_size_in_bytes - m.alias_size_in_bytes),
+                )
+            except jax.errors.JaxRuntimeError as e:
+                found = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+                if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+                    raise
+                arrays = [a for a in jax.tree.leaves(args) if hasattr(a, "sharding")]
+                temp = int(float(found.group(1)) * GiB)
+                sizes = dict(arguments=_nbytes(arrays), temp=temp, outputs=0)
+                self.log(f"  {name}: XLA ran out of HBM: {str(e).splitlines()[0][:160]}")
         seconds = time.perf_counter() - t0
-        m = compiled.memory_analysis()
-        row = Row(
-            name=name,
-            arguments=int(m.argument_size_in_bytes),
-            temp=int(m.temp_size_in_bytes),
-            outputs=int(m.output_size_in_bytes - m.alias_size_in_bytes),
-            resident=resident,
-            flops=flops,
-            compile_s=seconds,
-        )
+        row = Row(name=name, **sizes, resident=resident, flops=flops, compile_s=seconds)
         self.log(f"  compiled {name:<16} {seconds:6.1f} s   {row.total / GiB:8.2f} GiB per chip")
         return row
 
@@ -280,37 +290,37 @@ class Planner:
         check_copy = params_bytes if c.diagnostics.entropy_check_every else 0
         todo = {
             "policy_pass": (
-                lambda: fns.policy_pass.lower(state.params, batch),
+                (fns.policy_pass, (state.params, batch)),
                 _nbytes(state) - params_bytes + others,
                 model_flops(self.cfg, tokens, ctx, 1) / chips,
             ),
             "update": (  # one call per mini-batch
-                lambda: fns.update.lower(state, batch, scalar(jnp.int32), inputs),
+                (fns.update, (state, batch, scalar(jnp.int32), inputs)),
                 others + check_copy,
                 model_flops(self.cfg, tokens // self.updates, ctx, passes) / chips,
             ),
             "step_inputs": (
-                lambda: fns.step_inputs.lower(state, resp, resp, scalar(jnp.int32)),
+                (fns.step_inputs, (state, resp, resp, scalar(jnp.int32))),
                 others + _nbytes(batch),
                 0.0,
             ),
             "finish_step": (
-                lambda: fns.finish_step.lower(state, scalar(jnp.float32), inputs),
+                (fns.finish_step, (state, scalar(jnp.float32), inputs)),
                 others + _nbytes(batch),
                 0.0,
             ),
-            "diagnostics": (lambda: fns.diagnostics.lower(batch), _nbytes(state) + others, 0.0),
+            "diagnostics": ((fns.diagnostics, (batch,)), _nbytes(state) + others, 0.0),
         }
         if c.diagnostics.entropy_check_every:
             todo["entropy_check"] = (
-                lambda: fns.entropy_check.lower(state.params, state.params, batch),
+                (fns.entropy_check, (state.params, state.params, batch)),
                 _nbytes(state) + engine_bytes + ref_bytes,
                 model_flops(self.cfg, tokens, ctx, 2) / chips,
             )
         rows = []
-        for name, (lower, resident, flops) in todo.items():
+        for name, (program, resident, flops) in todo.items():
             if only is None or name in only:
-                rows.append(self._compile(name, lower, resident, flops))
+                rows.append(self._compile(name, program, resident, flops))
         if c.algo.kl_coef > 0 and (only is None or "reference_pass" in only):
             # The same program as the policy pass, over the frozen reference parameters.
             ref = next((r for r in rows if r.name == "policy_pass"), None)
@@ -365,31 +375,29 @@ class Planner:
         decode_flops = model_flops(self.cfg, slots * engine_lib.DECODE_STEPS, target, 1)
         todo = {
             "sampler_sync": (  # the trainer's parameters are the argument
-                lambda: sync.lower(self.state.params),
+                (sync, (self.state.params,)),
                 train_state - _nbytes(self.state.params) + ref,
                 0.0,
             ),
             "prefill": (
-                lambda: fns.prefill.lower(params, tokens, spec((), jnp.int32), request),
+                (fns.prefill, (params, tokens, spec((), jnp.int32), request)),
                 train_state + ref + _nbytes(state),
                 model_flops(self.cfg, prefill_len, prefill_len, 1) / self.mesh.size,
             ),
             "insert": (
-                lambda: fns.insert.lower(prefix, state, spec((), jnp.int32)),
+                (fns.insert, (prefix, state, spec((), jnp.int32))),
                 train_state + ref + _nbytes(params),
                 0.0,
             ),
             "generate": (
-                lambda: fns.generate.lower(
-                    params, state, spec((), jnp.int32), engine_lib.DECODE_STEPS
-                ),
+                (fns.generate, (params, state, spec((), jnp.int32), engine_lib.DECODE_STEPS)),
                 train_state + ref,
                 decode_flops / self.mesh.size,
             ),
         }
         return [
-            self._compile(name, lower, resident, flops)
-            for name, (lower, resident, flops) in todo.items()
+            self._compile(name, program, resident, flops)
+            for name, (program, resident, flops) in todo.items()
             if only is None or name in only
         ]
 

@@ -106,7 +106,7 @@ def test_every_config_trains_one_step_on_every_preset(name, preset_name, checkpo
     assert all(np.isfinite(row[k]) for k in ("loss", "entropy", "grad_norm", "pg_clipfrac"))
     assert (tmp_path / "run" / "hf" / "config.json").exists()
     if preset_name == "qwen2.5-math-7b":
-        assert "lm_head" in dict(nnx.to_flat_state(trainer.state.params))  # untied head
+        assert ("lm_head",) in dict(nnx.to_flat_state(trainer.state.params))  # untied head
 
 
 def test_micro_batch_smaller_than_the_batch_split_is_refused(checkpoints, tmp_path):
