@@ -140,9 +140,11 @@ def test_no_recompilation_and_batches_stay_sharded(checkpoints, tmp_path):
             trainer.run()
     finally:
         logging.getLogger("jax").removeHandler(handler)
+    # At most once each: a program may come compiled already (earlier tests of this
+    # module share the sampler's programs and the persistent compilation cache).
     programs = ("update", "policy_pass", "step_inputs", "finish_step", "entropy_check")
-    assert {name: compiled[name] for name in programs} == dict.fromkeys(programs, 1), compiled
-    assert compiled["generate"] == 1 and compiled["prefill"] == 1, compiled
+    assert all(compiled[name] <= 1 for name in (*programs, "generate", "prefill")), compiled
+    assert int(trainer.state.step) == 3  # 6 updates, 3 policy passes, 3 entropy checks
     fns = trainer.programs
     assert fns.batch_sharding == batch_sharding(trainer.mesh, 16)
     assert fns.batch_sharding.spec[0] == "fsdp"
