@@ -413,22 +413,23 @@ class Planner:
     def suggest(self, row: Row) -> str:
         """The smallest change that makes `row` fit (recompiling that program), or why not."""
         c, shards = self.config, batch_shards(self.mesh)
-        if row.arguments + row.resident > self.hbm_bytes:
-            need = math.ceil(self.mesh.size * (row.arguments + row.resident) / self.hbm_bytes)
-            return (
-                f"its arguments and resident buffers alone take "
-                f"{(row.arguments + row.resident) / GiB:.1f} GiB per chip: spread the state "
-                f"over at least {need} chips (a larger slice, --mesh with more fsdp)"
-            )
-        if row.name in ("prefill", "insert", "generate"):
+        if row.name in ("prefill", "insert", "generate"):  # the KV cache shrinks with slots
             slots = c.rollout.max_slots // 2
-            while slots >= 1:
+            while slots >= shards:  # fewer slots than the cache's split would replicate it
                 trial = ml_collections.ConfigDict(c.to_dict())
                 trial.rollout.max_slots = slots
                 (new,) = self.sampler_rows(trial, only={row.name})
                 if self.fits(new):
                     return f"--config.rollout.max_slots={slots} ({new.total / GiB:.1f} GiB)"
                 slots //= 2
+        if row.arguments + row.resident > self.hbm_bytes:
+            need = math.ceil(self.mesh.size * (row.arguments + row.resident) / self.hbm_bytes)
+            return (
+                f"its arguments and resident buffers alone take "
+                f"{(row.arguments + row.resident) / GiB:.1f} GiB per chip: spread the state "
+                f"over at least {need} chips (a larger slice, or more fsdp in the mesh)"
+            )
+        if row.name in ("prefill", "insert", "generate"):
             return "no rollout.max_slots fits: use a larger slice"
         seqs = c.train.mini_batch_prompts * c.rollout.n
         micro = c.train.micro_batch_sequences // 2

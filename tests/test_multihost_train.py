@@ -15,23 +15,16 @@ import time
 import numpy as np
 import portpicker
 import pytest
-from flax import nnx
+from tiny_policy import write_tiny_policy
 
-from jaxrlvr.data.arithmetic import save_demo_tokenizer, write_demo_dataset
 from jaxrlvr.metrics import read_metrics
-from jaxrlvr.models import Qwen2, preset, save_hf_checkpoint
 
 COMPARED = ("reward_mean", "entropy", "loss", "grad_norm", "approx_kl", "kl", "eval_avg@2")
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy")
-    tok = save_demo_tokenizer(path)
-    cfg = preset("tiny", vocab_size=len(tok), hidden_size=32, intermediate_size=64)
-    save_hf_checkpoint(Qwen2(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
-    write_demo_dataset(path, num_train=64, num_eval=8, max_ops=2)
-    return path
+    return write_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
 def train_args(policy, workdir, mesh: str) -> list[str]:

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tiny_policy import write_tiny_policy
 
 from jaxrlvr import grpo
 from jaxrlvr.config import ConfigError, base_config, validate
-from jaxrlvr.data.arithmetic import save_demo_tokenizer, write_demo_dataset
 from jaxrlvr.metrics import read_metrics
-from jaxrlvr.models import Qwen2, preset, save_hf_checkpoint
+from jaxrlvr.models import Qwen2, preset
 
 TIME_KEYS = ("time_", "tokens_per_s")
 
@@ -22,12 +22,7 @@ TIME_KEYS = ("time_", "tokens_per_s")
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
     """A random tiny Qwen2 with the demo tokenizer and demo data (no warm start)."""
-    path = tmp_path_factory.mktemp("policy")
-    tok = save_demo_tokenizer(path)
-    cfg = preset("tiny", vocab_size=len(tok), hidden_size=32, intermediate_size=64)
-    save_hf_checkpoint(Qwen2(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
-    write_demo_dataset(path, num_train=64, num_eval=8, max_ops=2)
-    return path
+    return write_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
 def tiny_config(policy, workdir, **overrides):
