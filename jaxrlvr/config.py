@@ -81,6 +81,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.algo.std_normalize = True  # False = Dr. GRPO advantages
     c.algo.kl_coef = 0.0  # > 0 loads a frozen reference model
     c.algo.kl_estimator = "k3"  # k1 | k2 | k3
+    c.algo.kl_clamp = 10.0  # k3 clipped to [-kl_clamp, kl_clamp] as verl does; 0 = off
     c.algo.entropy_coef = 0.0  # fixed entropy bonus
     c.algo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
     c.algo.dynamic_sampling_max_batches = 4  # prompt batches tried per step before giving up
@@ -221,6 +222,7 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     one_of("algo.loss_agg", LOSS_AGG_MODES)
     one_of("algo.kl_estimator", ("k1", "k2", "k3"))
     need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+    need(a.kl_clamp >= 0, "algo.kl_clamp", "must be >= 0 (0 = off)")
     need(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0")
     one_of("algo.old_logp_source", ("trainer", "sampler"))
     need(a.dynamic_sampling_max_batches >= 1, "algo.dynamic_sampling_max_batches", "must be >= 1")

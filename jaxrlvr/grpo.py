@@ -61,6 +61,7 @@ class LossSettings:
     logp_chunk: int
     micro_batch: int
     intervention: str = "none"
+    kl_clamp: float = 0.0  # k3 clipped to [-kl_clamp, kl_clamp]; 0 = off
     method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
     total_steps: int = 1
     num_epochs: int = 1
@@ -85,6 +86,7 @@ class LossSettings:
             loss_agg=a.loss_agg,
             kl_coef=float(a.kl_coef),
             kl_estimator=a.kl_estimator,
+            kl_clamp=float(a.kl_clamp),
             entropy_coef=float(a.entropy_coef),
             logp_chunk=int(config.model.logp_chunk),
             micro_batch=int(config.train.micro_batch_sequences),
@@ -326,7 +328,7 @@ def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: L
     entropy_coef = s.entropy_coef + inputs.alpha
     if s.entropy_coef or s.intervention == "adaptive_entropy":
         loss -= entropy_coef * agg(ent)
-    kl = losses.kl_penalty(logp, mb.ref_logp, s.kl_estimator)
+    kl = losses.kl_penalty(logp, mb.ref_logp, s.kl_estimator, s.kl_clamp)
     if s.kl_coef:
         loss += s.kl_coef * agg(kl)
     d = jax.lax.stop_gradient(losses.log_ratio(logp, mb.old_logp))

@@ -304,6 +304,28 @@ def test_kl_penalty_matches_numpy(estimator):
         assert np.all(np.asarray(got) >= 0)
 
 
+def verl_low_var_kl(logp: np.ndarray, ref_logp: np.ndarray) -> np.ndarray:
+    """verl's "low_var_kl" (k3) as its core_algos computes it, in float64 NumPy."""
+    kl = np.clip(ref_logp.astype(np.float64) - logp, -20.0, 20.0)
+    return np.clip(np.exp(kl) - kl - 1.0, -10.0, 10.0)
+
+
+def test_k3_clamp_matches_verl_beyond_the_clamp():
+    """Log-ratio gaps of 0 to 30 nats either way: inside the clamp, between the two clips
+    (k3 > 10 from a gap near 2.5 on the ref side), and beyond the log-ratio clip."""
+    gaps = np.array([0.0, 0.5, 2.0, 2.7, 4.0, 6.0, 12.0, 25.0, 30.0], np.float32)
+    logp = np.full(2 * gaps.size, -3.0, np.float32)
+    ref = np.concatenate([logp[: gaps.size] + gaps, logp[gaps.size :] - gaps])
+    got = np.asarray(jax.jit(functools.partial(kl_penalty, clamp=10.0))(logp, ref))
+    assert_close(got, verl_low_var_kl(logp, ref), rtol=1e-5, atol=1e-6)
+    # clamped: gaps >= 2.7 with the reference above (e^g - g - 1), >= 12 below (g - 1 + e^-g)
+    assert got.max() == 10.0 and np.sum(got == 10.0) == 9
+    unclamped = np.asarray(kl_penalty(logp, ref))  # clamp 0: off
+    assert unclamped.max() > 1e8 and np.array_equal(unclamped <= 10, got < 10)
+    grad = jax.grad(lambda lp: kl_penalty(lp, jnp.asarray(ref), clamp=10.0).sum())(logp)
+    assert np.all(np.asarray(grad)[got == 10.0] == 0.0)  # no gradient past the clamp
+
+
 def test_kl_penalty_unknown_raises():
     with pytest.raises(ValueError, match="KL estimator"):
         kl_penalty(jnp.zeros(2), jnp.zeros(2), "k4")

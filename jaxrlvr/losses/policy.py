@@ -199,12 +199,15 @@ def kl_penalty(
     logp: jax.Array,  # [B, L]
     ref_logp: jax.Array,  # [B, L]
     estimator: str = "k3",
+    clamp: float = 0.0,
 ) -> jax.Array:  # [B, L] float32
     """Per-token KL(pi || ref) estimate: k1, k2 or k3 (Schulman's low-variance one).
 
     k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1.
     For k3 the log-ratio is clipped to [-20, 20] (as the policy ratio) so exp cannot
-    overflow; this changes nothing for |ref - logp| < 20.
+    overflow; this changes nothing for |ref - logp| < 20. With `clamp > 0`, k3 itself is
+    clipped to [-clamp, clamp] as verl's "low_var_kl" does (value 10 there): a token far
+    from the reference then adds at most `clamp` and no gradient.
     """
     d = _f32(logp) - _f32(ref_logp)
     if estimator == "k1":
@@ -213,5 +216,6 @@ def kl_penalty(
         return 0.5 * d * d
     if estimator == "k3":
         nd = jnp.clip(-d, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
-        return jnp.exp(nd) - nd - 1.0
+        k3 = jnp.exp(nd) - nd - 1.0
+        return jnp.clip(k3, -clamp, clamp) if clamp > 0 else k3
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
