@@ -271,9 +271,8 @@ class Planner:
 
     def train_rows(self, c: ml_collections.ConfigDict, only: set[str] | None = None) -> list[Row]:
         s = self._settings(c)
-        state = programs.abstract_train_state(self.params, self.tx, c)
+        state = self.state  # the abstract, sharded state: trials change no part of it
         fns = programs.build(self.graphdef, self.tx, s, self.mesh, state, self.num_sequences)
-        state = _abstract(state, fns.state_shardings)
         rows_sh, repl = fns.batch_sharding, fns.replicated
         n, p, r = self.num_sequences, c.data.max_prompt_len, c.rollout.max_new_tokens
         batch = programs.abstract_batch(n, p, r, rows_sh)
