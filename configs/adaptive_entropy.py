@@ -1,4 +1,7 @@
-"""Adaptive entropy regularisation (Skywork-OR1 `EntController`), METHODS.md section 4."""
+"""Adaptive entropy regularisation (Skywork-OR1 `EntController`).
+
+Formulas: docs/algorithms.md#adaptive-entropy-control.
+"""
 
 from jaxrlvr.config import base_config, parse_arg
 

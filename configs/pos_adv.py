@@ -4,7 +4,7 @@ The argument picks the schedule (and optionally the model preset), e.g.
 `configs/pos_adv.py:entropy_guided` or `configs/pos_adv.py:qwen2.5-math-7b,stage`:
 
 - `constant` (lambda = `algo.pos_adv.lam`), `stage`, `epoch`, `entropy_guided` (default),
-  `rand_pos_clip`: METHODS.md section 4;
+  `rand_pos_clip`: docs/algorithms.md#positive-advantage-reweighting;
 - `adv_pos_only`: the "Adv>=0 only" ablation (weight 0 on A < 0 tokens);
 - `adv_neg_only`: the "Adv<=0 only" ablation (lambda = 0).
 """

@@ -1,4 +1,6 @@
-"""STEER (Hao et al.): per-token weights from the first-order entropy change, METHODS.md section 4.
+"""STEER (Hao et al.): per-token weights from the first-order entropy change.
+
+Formulas: docs/algorithms.md#steer.
 
     python -m jaxrlvr.train --config=configs/steer.py               # the embedded demo
     python -m jaxrlvr.train --config=configs/steer.py:qwen2.5-math-7b \\
@@ -16,7 +18,7 @@ def get_config(arg: str = "demo"):
     config.name = "steer"
     config.algo.intervention = "steer"
     if preset != "demo":
-        config.algo.eps_high = 0.28  # METHODS.md section 7: STEER runs use eps 0.2 / 0.28
+        config.algo.eps_high = 0.28  # STEER runs: docs/algorithms.md#reference-settings
     if "linear" in options:
         config.name = "steer-linear"
         config.algo.steer.linear = True

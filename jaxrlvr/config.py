@@ -63,6 +63,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.reward.name = "math"  # math | demo
     c.reward.timeout_s = 5.0  # per-answer time limit of the math checker
     c.reward.num_workers = 0  # checker processes; 0 = half the CPUs (1..8)
+    c.reward.batch_timeout_s = 300.0  # limit of one scored batch; 0 = off
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.n = 8  # samples per prompt (GRPO group size)
@@ -86,7 +87,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.algo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
     c.algo.dynamic_sampling_max_batches = 4  # prompt batches tried per step before giving up
     c.algo.old_logp_source = "trainer"  # trainer | sampler
-    # Entropy interventions (METHODS.md section 4); defaults are the reference values.
+    # Entropy interventions (docs/algorithms.md#entropy-interventions); reference defaults.
     c.algo.intervention = "none"  # none | entropy_bonus | adaptive_entropy | clip_cov |
     #                               kl_cov | pos_adv | steer
     c.algo.adaptive_entropy = ml_collections.ConfigDict(
@@ -110,7 +111,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.optim.lr = 1e-6
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
-    c.optim.weight_decay = 0.0  # METHODS.md section 7 (DAPO's recipe: 0.1)
+    c.optim.weight_decay = 0.0  # docs/algorithms.md#reference-settings (DAPO's: 0.1)
     c.optim.warmup_steps = 0  # training steps of linear warm-up (DAPO's recipe: 10)
     c.optim.schedule = "constant"  # constant | cosine (to 0 at the last update)
     c.optim.grad_clip = 1.0  # global norm; 0 = off
@@ -125,6 +126,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.train.eval_max_prompts = 0  # 0 = all eval prompts
     c.train.checkpoint_every = 20  # steps; 0 = only at the end
     c.train.max_checkpoints = 2
+    c.train.max_skipped_steps = 3  # consecutive non-finite steps before the run stops
     c.train.log_every = 1  # console summary every k steps
     c.train.progress = True  # progress bars
 
@@ -265,6 +267,7 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     need(t.eval_n >= 1, "train.eval_n", "must be >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.max_checkpoints >= 1, "train.max_checkpoints", "must be >= 1")
+    need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
 
     one_of("model.dtype", ("float32", "bfloat16"))
     one_of("model.param_dtype", ("float32", "bfloat16"))
@@ -275,6 +278,7 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     one_of("reward.name", ("math", "demo"))
     need(config.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     need(config.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = auto)")
+    need(config.reward.batch_timeout_s >= 0, "reward.batch_timeout_s", "must be >= 0 (0 = off)")
 
     shape = tuple(config.mesh.shape)
     need(
@@ -376,6 +380,30 @@ def validate_mesh(config: ml_collections.ConfigDict, mesh) -> None:
         )
 
 
+def inert_settings(config: ml_collections.ConfigDict, num_epochs: int | None = None) -> list[str]:
+    """Settings that cannot act in this run (each a warning): the run they give equals a
+    simpler one. `num_epochs` (data epochs the run spans) enables the epoch check."""
+    a, t, out = config.algo, config.train, []
+    if a.intervention == "pos_adv" and a.pos_adv.schedule == "epoch" and num_epochs == 1:
+        out.append(
+            f"config.algo.pos_adv.schedule='epoch': the run's {t.steps} steps stay within one "
+            "data epoch, so lambda = (e - 1) / (E - 1) is 0 throughout and positive-advantage "
+            "tokens never count: the same run as adv_neg_only. Raise train.steps, use fewer "
+            "training prompts, or choose another schedule."
+        )
+    if a.intervention == "pos_adv" and a.pos_adv.schedule == "stage" and t.steps < 2:
+        out.append("config.algo.pos_adv.schedule='stage' needs train.steps >= 2 to raise lambda")
+    if config.optim.warmup_steps >= t.steps:
+        out.append(
+            f"config.optim.warmup_steps={config.optim.warmup_steps} >= train.steps={t.steps}: "
+            "the learning rate never reaches optim.lr"
+        )
+    every = config.diagnostics.entropy_check_every
+    if every > t.steps:
+        out.append(f"config.diagnostics.entropy_check_every={every} > train.steps: never runs")
+    return out
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -393,6 +421,7 @@ __all__ = [
     "PRESET_NAMES",
     "base_config",
     "engine_shape",
+    "inert_settings",
     "split_files",
     "updates_per_step",
     "validate",

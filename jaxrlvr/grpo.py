@@ -181,7 +181,13 @@ def finish_step(state: TrainState, entropy: Array, inputs: StepInputs, s: LossSe
             alpha_min=s.arg("alpha_min"),
             alpha_max=s.arg("alpha_max"),
         )
-    return state.replace(step=state.step + 1, entropy=entropy, controllers=Controllers(lam, alpha))
+    # A non-finite entropy (a diverged policy) leaves the controllers and the last entropy.
+    ok = jnp.isfinite(entropy) & jnp.isfinite(inputs.h_hat)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    controllers = jax.tree.map(keep, Controllers(lam, alpha), state.controllers)
+    return state.replace(
+        step=state.step + 1, entropy=keep(entropy, state.entropy), controllers=controllers
+    )
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, updates_per_step: int):
@@ -370,17 +376,36 @@ def update(
     (grads, loss, sums, wmin), _ = jax.lax.scan(micro_step, init, (keys, micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # The non-finite guard: an update whose loss, gradient norm or new parameters are not
+    # finite leaves parameters and optimizer state as they were (bits: loss, grad, params).
+    skip_code = (
+        (~jnp.isfinite(loss)).astype(jnp.int32)
+        | (~jnp.isfinite(grad_norm)).astype(jnp.int32) << 1
+        | (~all_finite(params)).astype(jnp.int32) << 2
+    )
+    keep = lambda new, old: jnp.where(skip_code == 0, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     tokens = jnp.maximum(jnp.sum(mini.response_mask), 1.0)
     metrics = {k: v / tokens for k, v in sums.items()} | {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "weight_min": wmin,
+        "skip_code": skip_code,
     }
     return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
 
 
+def all_finite(tree) -> Array:
+    """[] bool: whether every element of every floating-point leaf of `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def rollout_diagnostics(batch: Batch) -> dict[str, Array]:
-    """METHODS.md section 5 statistics of a rollout batch under the old policy."""
+    """The statistics of docs/algorithms.md#entropy-diagnostics of a rollout batch under the
+    old policy."""
     mask = batch.response_mask
     adv = jnp.broadcast_to(batch.advantages[:, None], mask.shape)
     cov = losses.token_covariance(batch.old_logp, adv, mask)

@@ -15,13 +15,15 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
     """Appends one JSON object per step to `workdir/metrics.jsonl`, mirrored to TensorBoard.
 
-    On resume from step k, rows of later steps (written after the checkpoint) are dropped,
-    so the file always describes one consistent run.
+    On resume from step k, rows of later steps (written after the checkpoint) are dropped;
+    a start from step 0 drops every row. So no step appears twice, and the file always
+    describes one consistent run. `last_row` is the last row kept.
     """
 
     def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.last_row: dict[str, Any] = {}
         self._tb = None
         if not enabled:
             return
@@ -29,8 +31,11 @@ class MetricsWriter:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [
-                    line for line in f if line.strip() and json.loads(line)["step"] <= resume_step
+                    line
+                    for line in f
+                    if line.strip() and resume_step > 0 and json.loads(line)["step"] <= resume_step
                 ]
+            self.last_row = json.loads(rows[-1]) if rows else {}
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(rows)
@@ -38,7 +43,9 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # Events of the steps dropped above are purged from TensorBoard's view too.
+            purge = resume_step + 1 if resume_step > 0 else 0
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             log.warning("tensorboardX not installed: no TensorBoard mirror")
 

@@ -1,25 +1,32 @@
 """GRPO training: `python -m jaxrlvr.train --config=configs/grpo.py[:preset] [--config.x=y ...]`.
 
 One step: sample `n` responses for each of `prompts_per_step` prompts with the current
-policy, score them with a verifiable reward, compute group advantages, run one old-policy
-pass for log-probs and entropies, then `prompts_per_step / mini_batch_prompts` optimizer
-updates. Metrics go to `workdir/metrics.jsonl` and TensorBoard; Orbax checkpoints make a
-rerun of the same command resume; the final policy is exported to `workdir/hf/`.
+policy, score them with a verifiable reward, compute group advantages
+(`jaxrlvr.rollouts`), then one old-policy pass and `prompts_per_step / mini_batch_prompts`
+optimizer updates (`jaxrlvr.learner`). Metrics go to `workdir/metrics.jsonl` and
+TensorBoard; Orbax checkpoints make a rerun of the same command resume; the final
+policy is exported to `workdir/hf/`.
+
+A run is built not to lose work: bad input is refused before anything compiles
+(`jaxrlvr.preflight`); non-finite updates are skipped and a run that keeps skipping
+stops; SIGTERM / SIGINT save the last completed step before exiting; a damaged
+checkpoint is set aside and the one before is used; a failed background save stops the
+run at the next step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
@@ -28,19 +35,35 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import distributed, grpo, losses, programs
-from jaxrlvr.checkpointing import Checkpointer
-from jaxrlvr.data import PromptDataset, load_prompts
+from jaxrlvr import config_help, distributed, grpo, preflight
+from jaxrlvr.checkpointing import Checkpointer, CheckpointError
+from jaxrlvr.data import DataError, PromptDataset, load_prompts
 from jaxrlvr.evaluation import avg_and_pass_at_k
+from jaxrlvr.learner import Learner
 from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
+from jaxrlvr.record import record_config
 from jaxrlvr.rewards import get_reward_fn
-from jaxrlvr.sampling import Engine, SamplingParams, generate
-from jaxrlvr.sharding import batch_shards, make_mesh
+from jaxrlvr.rollouts import RolloutCollector, derive_seed
+from jaxrlvr.sampling import Engine
+from jaxrlvr.sharding import make_mesh
 
 log = logging.getLogger("jaxrlvr.train")
 
 CONSOLE_KEYS = ("reward_mean", "accuracy", "entropy", "response_length_mean", "pg_clipfrac")
+EVAL_STREAM = 1_000_003  # seeds of eval sampling, apart from the rollouts' attempts
+
+
+class NonFiniteError(RuntimeError):
+    """The run kept producing non-finite updates; the message says where and why."""
+
+
+class Preempted(Exception):  # noqa: N818 - an event, not an error
+    """A stop signal ended the run after saving; `str` says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -66,74 +89,96 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool) -> None:
-    """Write `workdir/config.json`; on resume, warn about every key that changed."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json())
-    if resuming and os.path.exists(path):
-        with open(path) as f:
-            before = _flatten(json.load(f))
-        now = _flatten(current)
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                log.warning(
-                    "resuming with config.%s = %r (was %r)", key, now.get(key), before.get(key)
-                )
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2)
+def read_prompts(config: ml_collections.ConfigDict, key: str, tokenizer):
+    """The prompts of `config.data.<key>`; unreadable or malformed files raise `ConfigError`
+    naming the key, the file and the line."""
+    d = config.data
+    try:
+        return load_prompts(
+            config_lib.split_files(d[key]),
+            tokenizer=tokenizer,
+            template=d.prompt_template,
+            max_prompt_len=d.max_prompt_len,
+            prompt_field=d.prompt_field or None,
+            answer_field=d.answer_field,
+        )
+    except (DataError, OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"config.data.{key}: {e}") from None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+class StopSignals:
+    """SIGTERM / SIGINT handling: the first signal asks the run to stop after the current
+    step (at once while only rollouts or evaluation are under way, which are redone on
+    resume); a second one stops at once, without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._abandonable = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:  # every process: each saves its shards
+            with contextlib.suppress(ValueError):  # not the main thread: leave as is
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second stop signal ({name})")
+        self.received = signum
+        log.warning("%s received: stopping after the current step, with a checkpoint", name)
+        if self._abandonable:
+            raise _Abandon
+
+    @contextlib.contextmanager
+    def abandonable(self):
+        """A stretch of work a stop signal may cut short (nothing in it is kept)."""
+        self._abandonable = True
+        try:
+            if self.received is not None:
+                raise _Abandon
+            yield
+        finally:
+            self._abandonable = False
 
 
-EVAL_STREAM = 1_000_003  # seeds of eval sampling, apart from the rollouts' attempts
-
-
-def derive_seed(*parts: int) -> int:
-    """A sampling seed from integers, stable across processes (unlike `hash`)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] >> 1)
+class _Abandon(Exception):  # noqa: N818 - control flow
+    """Raised by the signal handler inside `StopSignals.abandonable`."""
 
 
 class Trainer:
-    """The stateful shell around the pure update in `jaxrlvr.grpo`."""
+    """Wires data, sampler, learner and checkpoints together and runs the loop."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         config_lib.validate(config)
         self.config = config = resolve_model_and_data(config)
         config_lib.validate(config)
+        c = config
         self.workdir = config_lib.workdir(config)
         try:
             self.mesh = make_mesh(tuple(config.mesh.shape))
         except ValueError as e:  # e.g. more devices than the processes have together
             raise config_lib.ConfigError(f"config.mesh.shape={config.mesh.shape}: {e}") from None
         config_lib.validate_mesh(config, self.mesh)
-        c, a = config, config.algo
         # Several processes: the same config everywhere, and a workdir all of them see.
         distributed.check_same("the config", json.loads(config.to_json()))
-        os.makedirs(self.workdir, exist_ok=True)
+        preflight.check_workdir(self.workdir)
         distributed.check_shared_directory(self.workdir)
+        preflight.check_model_dir(c.model.path)
+        preflight.check_disk_space(self.workdir, preflight.checkpoint_bytes(c))
 
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id or 0
-        self.stop_ids = stop_token_ids(self.tokenizer)
-        data_kw = dict(
-            tokenizer=self.tokenizer,
-            template=c.data.prompt_template,
-            max_prompt_len=c.data.max_prompt_len,
-            prompt_field=c.data.prompt_field or None,
-            answer_field=c.data.answer_field,
-        )
-        train_prompts = load_prompts(config_lib.split_files(c.data.train_files), **data_kw)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id or 0
+        train_prompts = read_prompts(c, "train_files", self.tokenizer)
         if len(train_prompts) < c.train.prompts_per_step:
             raise config_lib.ConfigError(
                 f"config.data.train_files: {len(train_prompts)} usable prompts, fewer than "
@@ -142,25 +187,21 @@ class Trainer:
         # Every process reads the whole (deterministic) step batch: the sampler runs on the
         # global mesh, so all processes feed it the same prompts.
         self.dataset = PromptDataset(
-            train_prompts,
-            c.train.prompts_per_step,
-            seed=c.seed,
-            shuffle=c.data.shuffle,
-            process_index=0,
-            process_count=1,
-        )
+            train_prompts, c.train.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle,
+            process_index=0, process_count=1,
+        )  # fmt: skip
         self.data_iter = self.dataset.iterator()
         self.eval_prompts = None
         if c.data.eval_files and c.train.eval_every:
-            self.eval_prompts = load_prompts(config_lib.split_files(c.data.eval_files), **data_kw)
-        self.reward_fn = get_reward_fn(
-            c.reward.name,
-            **(
-                {"timeout_s": c.reward.timeout_s, "num_workers": c.reward.num_workers or None}
-                if c.reward.name == "math"
-                else {}
-            ),
-        )
+            self.eval_prompts = read_prompts(c, "eval_files", self.tokenizer)
+        reward_kw = {}
+        if c.reward.name == "math":
+            reward_kw = {
+                "timeout_s": c.reward.timeout_s,
+                "num_workers": c.reward.num_workers or None,
+                "batch_timeout_s": c.reward.batch_timeout_s or None,
+            }
+        reward_fn = get_reward_fn(c.reward.name, **reward_kw)
 
         model = load_hf_checkpoint(
             c.model.path,
@@ -170,164 +211,73 @@ class Trainer:
             remat=c.model.remat,
         )
         self.graphdef, params = nnx.split(model, nnx.Param)
-        # The frozen reference (initial policy) needs its own buffers: updates donate the state.
-        self.ref_params = jax.tree.map(jnp.copy, params) if a.kl_coef > 0 else None
-        self.tx, self.schedule = grpo.make_optimizer(
-            c.optim, c.train.steps, config_lib.updates_per_step(c)
-        )
         epochs = -(-c.train.steps // max(self.dataset.batches_per_epoch, 1))
-        shards = batch_shards(self.mesh)
-        self.settings = grpo.LossSettings.from_config(c, num_epochs=epochs, batch_shards=shards)
-        num_sequences = c.train.prompts_per_step * c.rollout.n
-        self.row_order = grpo.device_order(num_sequences, c.train.micro_batch_sequences, shards)
-        abstract = programs.abstract_train_state(params, self.tx, c)
-        self.programs = programs.build(
-            self.graphdef, self.tx, self.settings, self.mesh, abstract, num_sequences
-        )
-        init = jax.jit(
-            lambda p: grpo.init_state(p, self.tx, c), out_shardings=self.programs.state_shardings
-        )
-        self.state = init(params)
+        for warning in config_lib.inert_settings(c, epochs):
+            log.warning("%s", warning)
+        self.learner = Learner(c, self.graphdef, params, self.mesh, epochs)
         self.engine = Engine(
             model,
             **config_lib.engine_shape(c),
-            max_stop_tokens=max(8, len(self.stop_ids)),
+            max_stop_tokens=max(8, len(stop_ids := stop_token_ids(self.tokenizer))),
             mesh=self.mesh,
+        )
+        self.rollouts = RolloutCollector(
+            c, self.engine, self.tokenizer, reward_fn, stop_ids, pad_id
         )
         self.checkpointer = Checkpointer(
             os.path.join(os.path.abspath(self.workdir), "checkpoints"), c.train.max_checkpoints
         )
         self.start_step = 0
-        if (latest := self.checkpointer.latest_step()) is not None:
-            self.state, data_state = self.checkpointer.restore(latest, self.state)
-            self.state = jax.device_put(self.state, self.programs.state_shardings)
-            self.data_iter.set_state(data_state)
-            self.start_step = int(self.state.step)
-            log.info("resumed from %s at step %d", self.checkpointer.directory, self.start_step)
+        self._resume()
         self._check_processes_agree()
         if jax.process_index() == 0:
-            record_config(config, self.workdir, resuming=self.start_step > 0)
+            record_config(config, self.workdir, start_step=self.start_step)
         self.metrics = MetricsWriter(
             self.workdir, resume_step=self.start_step, enabled=jax.process_index() == 0
         )
+        self.skipped_steps = int(self.metrics.last_row.get("skipped_steps", 0))
+        self.consecutive_skips = 0
+        self.signals = StopSignals()
 
-    # ------------------------------------------------------------------ rollouts
+    @property
+    def state(self) -> grpo.TrainState:
+        return self.learner.state
 
-    def _sampling(self, n: int, seed: int) -> SamplingParams:
-        r = self.config.rollout
-        return SamplingParams(
-            n=n,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            seed=seed,
-        )
+    @property
+    def programs(self):
+        return self.learner.programs
 
-    def _generate(self, prompts: list[list[int]], n: int, seed: int):
-        backend = "native" if self.config.rollout.backend == "engine" else "jetstream"
-        return generate(
-            self.engine,
-            prompts,
-            self._sampling(n, seed),
-            backend=backend,
-            progress=self.config.train.progress and len(prompts) * n >= 1024,
-        )
+    def _resume(self) -> None:
+        """Restore the newest sound checkpoint, if any (damaged ones are set aside)."""
 
-    def _score(self, completions, answers: list[str], n: int) -> tuple[np.ndarray, int]:
-        """Rewards of every completion and the count of checker errors; with several
-        processes each scores its share and the shares are gathered."""
-        mine = distributed.share(len(completions))
-        texts = [
-            self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[mine]
-        ]
-        result = self.reward_fn.score_batch(texts, [a for a in answers for _ in range(n)][mine])
-        rewards = np.asarray(result.rewards, np.float32)
-        errors = np.asarray([result.num_errors], np.int64)
-        rewards = distributed.gather(rewards, len(completions))
-        errors = distributed.gather(errors, jax.process_count()).sum()
-        return rewards, int(errors)
+        def problem(step: int, state: grpo.TrainState) -> str | None:
+            if int(state.step) != step:
+                return f"it holds step {int(state.step)}"
+            if not distributed.to_host(grpo.all_finite(state.params)):
+                return "its parameters are not finite"
+            return None
 
-    def collect(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Rollouts, rewards and advantages of one step (with DAPO dynamic sampling)."""
-        c = self.config
-        n, want = c.rollout.n, c.train.prompts_per_step
-        kept: list[tuple] = []  # (prompt, completions, rewards) per group
-        spare: list[tuple] = []
-        all_rewards, errors, epochs = [], 0, []
-        for attempt in range(c.algo.dynamic_sampling_max_batches if c.algo.dynamic_sampling else 1):
-            batch = next(self.data_iter)
-            epochs.append(batch.epoch)
-            seed = derive_seed(c.seed, step, attempt)
-            out = self._generate(batch.input_ids, n, seed)
-            flat = [comp for group in out for comp in group]
-            rewards, num_errors = self._score(flat, batch.answers, n)
-            all_rewards.append(rewards)
-            errors += num_errors
-            for i, prompt in enumerate(batch.input_ids):
-                g = (prompt, out[i], rewards[i * n : (i + 1) * n])
-                informative = not c.algo.dynamic_sampling or np.ptp(g[2]) > 0
-                (kept if informative else spare).append(g)
-            if len(kept) >= want:
-                break
-        groups = (kept + spare)[:want]  # top up with uninformative groups if sampling ran dry
-        rewards = np.concatenate([g[2] for g in groups])
-        adv = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), n, c.algo.std_normalize))
-        comps = [comp for g in groups for comp in g[1]]
-        arrays = grpo.rollout_batch(
-            [g[0] for g in groups for _ in range(n)],
-            [comp.token_ids for comp in comps],
-            [comp.logprobs for comp in comps],
-            adv,
-            prompt_len=c.data.max_prompt_len,
-            response_len=c.rollout.max_new_tokens,
-            pad_id=self.pad_id,
-        )
-        lengths = np.array([len(comp.token_ids) for comp in comps])
-        sampled = np.concatenate(all_rewards)
-        info = {
-            "reward_mean": float(sampled.mean()),
-            "accuracy": float((sampled >= 1.0).mean()),
-            "reward_errors": int(errors),
-            "response_length_mean": float(lengths.mean()),
-            "response_length_max": int(lengths.max()),
-            "truncated_frac": float(np.mean([comp.finish_reason == "length" for comp in comps])),
-            "generated_tokens": int(lengths.sum()),
-            "epoch": int(max(epochs)),
-        }
-        if c.algo.dynamic_sampling:
-            info["dynamic_sampling_batches"] = len(all_rewards)
-            info["dynamic_sampling_kept_frac"] = float(min(len(kept), want) / want)
-        return arrays, info
+        found = self.checkpointer.restore_latest(self.learner.state, problem)
+        if found is None:
+            return
+        step, state, data_state = found
+        self.learner.set_state(state)
+        self.data_iter.set_state(data_state)
+        self.start_step = step
+        log.info("resumed from %s at step %d", self.checkpointer.directory, step)
 
-    # ------------------------------------------------------------------ training
-
-    def _put(self, x: np.ndarray) -> jax.Array:
-        """A host array of rollout rows (the same on every process) on the mesh, rows in
-        the device order."""
-        return distributed.global_array(x[self.row_order], self.programs.batch_sharding)
-
-    def _device_batch(self, arrays: dict[str, np.ndarray], zeros: jax.Array) -> grpo.Batch:
-        """The rollout arrays on the mesh (row-sharded); log-prob fields start as zeros."""
-        return grpo.Batch(
-            input_ids=self._put(arrays["input_ids"]),
-            attention_mask=self._put(arrays["attention_mask"]),
-            response_mask=self._put(arrays["response_mask"]),
-            advantages=self._put(arrays["advantages"]),
-            old_logp=zeros,
-            old_entropy=zeros,
-            ref_logp=zeros,
-        )
+    # ------------------------------------------------------------------ one step
 
     def train_step(self, step: int) -> dict[str, Any]:
         timer = StepTimer()
         t0 = time.perf_counter()
-        with timer("rollout"):
+        with timer("rollout"), self.signals.abandonable():
             self.engine.update_params(self.state.params)
-            arrays, info = self.collect(step)
-        with timer("update"), jax.set_mesh(self.mesh):
-            metrics = self._update_step(step, arrays, info)
+            arrays, info = self.rollouts.collect(step, self.data_iter)
+        with timer("update"):
+            every = self.config.diagnostics.entropy_check_every
+            check = bool(every) and step % every == 0
+            metrics = self.learner.step(arrays, info["epoch"], check)
         metrics = info | metrics
         metrics["time_rollout"] = timer.times["rollout"]
         metrics["time_update"] = timer.times["update"]
@@ -335,81 +285,8 @@ class Trainer:
         metrics["tokens_per_s"] = info["generated_tokens"] / metrics["time_step"]
         return metrics
 
-    def _update_step(self, step: int, arrays: dict[str, np.ndarray], info: dict) -> dict:
-        """Old-policy pass, the step's optimizer updates and controllers, and diagnostics."""
-        c, fns = self.config, self.programs
-        zeros = self._put(np.zeros(arrays["response_mask"].shape, np.float32))
-        batch = self._device_batch(arrays, zeros)
-        logp, entropy = fns.policy_pass(self.state.params, batch)
-        mask = batch.response_mask
-        sampler_logp = self._put(arrays["sampler_logp"])
-        ref_logp = zeros
-        if self.ref_params is not None:
-            ref_logp, _ = fns.policy_pass(self.ref_params, batch)
-        old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
-        batch = batch._replace(old_logp=old_logp, old_entropy=entropy, ref_logp=ref_logp)
-        inputs = fns.step_inputs(self.state, old_logp, mask, np.int32(info["epoch"]))
-        params_before = None
-        if self._check_entropy(step):  # a copy: the updates donate the state's buffers
-            params_before = jax.tree.map(jnp.copy, self.state.params)
-        n_mini = config_lib.updates_per_step(c)
-        per_update = []
-        for k in range(n_mini):  # mini-batch k is sliced on device, within each shard
-            self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
-            per_update.append(m)
-        step_entropy = losses.masked_mean(entropy, mask)
-        prev_entropy = self.state.entropy
-        self.state = fns.finish_step(self.state, step_entropy, inputs)
-        tokens = jnp.maximum(jnp.sum(mask), 1.0)
-        stats = {
-            "entropy": step_entropy,
-            "entropy_delta": step_entropy - prev_entropy,  # NaN on the first step
-            "sampler_logp_abs_diff": jnp.sum(jnp.abs(logp - sampler_logp) * mask) / tokens,
-            **fns.diagnostics(batch),
-        }
-        if params_before is not None:
-            stats |= fns.entropy_check(params_before, self.state.params, batch)
-        stats, per_update, inputs = distributed.to_host((stats, per_update, inputs))
-
-        metrics = {k: float(v) for k, v in stats.items()}
-        for key in per_update[0]:
-            metrics[key] = float(np.mean([m[key] for m in per_update]))
-        metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
-        if not c.algo.kl_coef:
-            metrics.pop("kl")
-        frac, wmean = metrics.pop("intervention_frac"), metrics.pop("weight_mean")
-        wmin = float(np.min([m["weight_min"] for m in per_update]))
-        metrics.pop("weight_min")
-        return metrics | self._method_metrics(frac, wmean, wmin, inputs)
-
-    def _method_metrics(
-        self, frac: float, wmean: float, wmin: float, inputs: grpo.StepInputs
-    ) -> dict[str, float]:
-        """The generic intervention metrics, named after the active method."""
-        a = self.config.algo
-        out: dict[str, float] = {}
-        if a.intervention in ("clip_cov", "kl_cov"):
-            out[f"{a.intervention}_frac"] = frac
-        elif a.intervention == "pos_adv":
-            if a.pos_adv.schedule == "rand_pos_clip":
-                out["rand_pos_clip_frac"] = frac
-            else:
-                out["lambda"] = float(inputs.lam)
-        elif a.intervention == "steer":
-            out["steer_weight_mean"], out["steer_weight_min"] = wmean, wmin
-        elif a.intervention == "adaptive_entropy":
-            out["alpha"] = float(inputs.alpha)
-            out["entropy_estimate"] = float(inputs.h_hat)
-            out["alpha_next"] = float(self.state.controllers.alpha.alpha)
-        if a.intervention == "pos_adv" and a.pos_adv.schedule == "entropy_guided":
-            out["lambda_next"] = float(self.state.controllers.lam.lam)
-        return out
-
-    def _check_entropy(self, step: int) -> bool:
-        every = self.config.diagnostics.entropy_check_every
-        return bool(every) and step % every == 0
-
     def evaluate(self, step: int) -> dict[str, float]:
+        """Avg@k and Pass@k of the current policy on the eval prompts."""
         c, prompts = self.config, self.eval_prompts
         k = c.train.eval_n
         ids = [list(map(int, p)) for p in prompts.input_ids]
@@ -418,17 +295,23 @@ class Trainer:
             ids, answers = ids[: c.train.eval_max_prompts], answers[: c.train.eval_max_prompts]
         self.engine.update_params(self.state.params)
         t0 = time.perf_counter()
-        out = self._generate(ids, k, seed=derive_seed(c.seed, step, EVAL_STREAM))
-        rewards, num_errors = self._score([comp for g in out for comp in g], answers, k)
-        avg, pass_k = avg_and_pass_at_k(rewards.reshape(len(ids), k) >= 1.0)
+        out = self.rollouts.generate(ids, k, seed=derive_seed(c.seed, step, EVAL_STREAM))
+        scores = self.rollouts.score([comp for g in out for comp in g], answers, k)
+        avg, pass_k = avg_and_pass_at_k(scores.rewards.reshape(len(ids), k) >= 1.0)
         return {
             f"eval_avg@{k}": avg,
             f"eval_pass@{k}": pass_k,
-            "eval_reward_errors": num_errors,
+            "eval_reward_errors": scores.errors,
+            "eval_reward_timeouts": scores.timeouts,
             "time_eval": time.perf_counter() - t0,
         }
 
+    # ------------------------------------------------------------------ the loop
+
     def run(self) -> None:
+        """Train to `train.steps`, then export. Raises `Preempted` after a stop signal
+        (with the last completed step saved), `NonFiniteError` when updates keep failing,
+        `CheckpointError` when a save fails."""
         c = self.config
         steps = c.train.steps
         if self.start_step >= steps:
@@ -440,46 +323,113 @@ class Trainer:
             unit="step",
             disable=not c.train.progress or jax.process_index() != 0,
         )
+        step = self.start_step
+        data_state = self.data_iter.get_state()  # the data position after `step`
         try:
-            if self.start_step == 0 and self.eval_prompts is not None:
-                self.metrics.write(0, self.evaluate(0))  # the base policy, for reference
-            for step in range(self.start_step + 1, steps + 1):
-                metrics = self.train_step(step)
-                last = step == steps
-                if self.eval_prompts is not None and (step % c.train.eval_every == 0 or last):
-                    metrics.update(self.evaluate(step))
-                self.metrics.write(step, metrics)
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
-                )
-                if (step % c.train.log_every == 0 or last) and jax.process_index() == 0:
-                    bar.write(console_line(step, steps, metrics, CONSOLE_KEYS))
-                if last or (c.train.checkpoint_every and step % c.train.checkpoint_every == 0):
-                    self._check_processes_agree()
-                    self.checkpointer.save(step, self.state, self.data_iter.get_state())
+            with self.signals:
+                if self.start_step == 0 and self.eval_prompts is not None:
+                    with contextlib.suppress(_Abandon), self.signals.abandonable():
+                        self.metrics.write(0, self.evaluate(0))  # the base policy
+                for step in range(self.start_step + 1, steps + 1):
+                    self.checkpointer.check_for_errors()  # a failed save stops the run here
+                    try:
+                        metrics = self._step(step)
+                    except _Abandon:
+                        step -= 1  # the step is redone on resume
+                        break
+                    data_state = self.data_iter.get_state()
+                    self.metrics.write(step, metrics)
+                    bar.update(1)
+                    bar.set_postfix(
+                        reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
+                    )
+                    if (
+                        step % c.train.log_every == 0 or step == steps
+                    ) and jax.process_index() == 0:
+                        bar.write(console_line(step, steps, metrics, CONSOLE_KEYS))
+                    every = c.train.checkpoint_every
+                    if step == steps or (every and step % every == 0):
+                        self._save(step, data_state)
+                    if self.signals.received is not None:
+                        break
+                if self.signals.received is not None:
+                    self._save(step, data_state)
+                    self.checkpointer.wait()
+                    raise self._preempted(step)
+                self.checkpointer.wait()
         finally:
             bar.close()
-            self.checkpointer.wait()
+            with contextlib.suppress(CheckpointError):  # raised above if it matters
+                self.checkpointer.wait()  # a save in flight becomes durable
             self.metrics.close()
-            self.reward_fn.close()
+            self.rollouts.reward_fn.close()
         self.export()
+
+    def _step(self, step: int) -> dict[str, Any]:
+        """One training step and its evaluation; counts skipped updates."""
+        c = self.config
+        metrics = self.train_step(step)
+        if metrics["skipped_updates"]:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            log.warning(
+                "step %d: %d of %d updates skipped (non-finite %s)", step,
+                metrics["skipped_updates"], config_lib.updates_per_step(c), metrics["skip_reason"],
+            )  # fmt: skip
+        else:
+            self.consecutive_skips = 0
+        metrics["skipped_steps"] = self.skipped_steps
+        if self.consecutive_skips >= c.train.max_skipped_steps:
+            self.metrics.write(step, metrics)
+            last = self.checkpointer.latest_step()
+            raise NonFiniteError(
+                f"{self.consecutive_skips} consecutive steps ({step - self.consecutive_skips + 1}"
+                f"..{step}) had non-finite updates ({metrics['skip_reason']}); stopping "
+                f"(config.train.max_skipped_steps={c.train.max_skipped_steps}). Nothing of "
+                f"these steps is saved; the last checkpoint is "
+                f"{'step ' + str(last) if last is not None else 'none'}. Lower config.optim.lr "
+                "or check the data, then rerun to resume."
+            )
+        last = step == c.train.steps
+        if self.eval_prompts is not None and (step % c.train.eval_every == 0 or last):
+            try:  # the step itself is complete: a stop signal only drops its evaluation
+                with self.signals.abandonable():
+                    metrics.update(self.evaluate(step))
+            except _Abandon:
+                log.warning("step %d: evaluation abandoned", step)
+        return metrics
+
+    def _save(self, step: int, data_state: dict[str, Any]) -> None:
+        """Checkpoint `step` (once), refusing a non-finite state."""
+        if step == 0 or step in self.checkpointer.all_steps():
+            return
+        self._check_processes_agree()
+        if not self.learner.params_finite():
+            raise NonFiniteError(f"step {step}: the parameters are not finite; not saving them")
+        self.checkpointer.save(step, self.state, data_state)
+
+    def _preempted(self, step: int) -> Preempted:
+        signum = self.signals.received
+        saved = self.checkpointer.latest_step()
+        where = f"the checkpoint of step {saved} is saved" if saved else "no step was completed"
+        return Preempted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} after step {step} of "
+            f"{self.config.train.steps}: {where} in {self.checkpointer.directory}. Rerun the "
+            "same command to resume.",
+        )
 
     def _check_processes_agree(self) -> None:
         """The host-side state every process must hold identically (no-op with one)."""
-        st = self.state
         distributed.check_same(
             "the training state (step, controllers, PRNG key, data position)",
-            {
-                "data": self.data_iter.get_state(),
-                "host": distributed.to_host(
-                    (st.step, st.controllers, jax.random.key_data(st.rng), st.entropy)
-                ),
-            },
+            {"data": self.data_iter.get_state(), "host": self.learner.host_state()},
         )
 
     def export(self) -> str:
         """The final policy as a Hugging Face checkpoint in `workdir/hf/`."""
+        if not self.learner.params_finite():
+            raise NonFiniteError("the final parameters are not finite; not exporting them")
         path = os.path.join(self.workdir, "hf")
         model = nnx.merge(self.graphdef, self.state.params)
         save_hf_checkpoint(model, path, tokenizer=self.tokenizer)
@@ -490,8 +440,11 @@ class Trainer:
 def define_flags() -> None:
     """The command line's flags (defined only when run, so that modules import together)."""
     config_flags.DEFINE_config_file(
-        "config", "configs/grpo.py", "Experiment config file, e.g. configs/grpo.py:demo"
-    )
+        "config", "configs/grpo.py", "Experiment config file, e.g. configs/grpo.py:demo; "
+        "override any field with --config.KEY=VALUE (see --show_config for the tree)"
+    )  # fmt: skip
+    flags.DEFINE_bool("show_config", False, "print the resolved config tree, each field with "
+                      "its default and help, and exit")  # fmt: skip
     flags.DEFINE_string(
         "coordinator_address", None, "HOST:PORT of process 0, to run as several processes"
     )
@@ -504,12 +457,26 @@ def define_flags() -> None:
     flags.DEFINE_integer("distributed_timeout_s", 300, "time to wait for every process")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one-line errors: an unknown `--config.KEY` names the
+    closest valid keys, a bad value names the flag."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - ml_collections raises several types
+        message = config_help.override_error(argv, e)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.show_config:
+        print(config_help.describe(f.config))
+        return
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax / JAX info logs
     logging.getLogger("jaxrlvr").setLevel(logging.INFO)
-    f = flags.FLAGS
     try:
         distributed.initialize(
             f.coordinator_address,
@@ -518,13 +485,18 @@ def main(argv: list[str]) -> None:
             auto=f.distributed or os.environ.get("JAXRLVR_DISTRIBUTED") == "1",
             timeout_s=f.distributed_timeout_s,
         )
-        trainer = Trainer(f.config)
+        Trainer(f.config).run()
     except (config_lib.ConfigError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    trainer.run()
+    except (NonFiniteError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

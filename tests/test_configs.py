@@ -208,12 +208,13 @@ def test_steer_linear_default_preset():
     validate(c)
 
 
-# ----------------------------------------------------------------------------- METHODS.md 7
+# ------------------------------------------------- docs/algorithms.md#reference-settings
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_qwen25_math_7b_reference_settings(name):
-    """METHODS.md section 7 (STEER runs) on the qwen2.5-math-7b preset of every method."""
+    """docs/algorithms.md#reference-settings (STEER runs) on the qwen2.5-math-7b preset of
+    every method."""
     c = get_config(name, "qwen2.5-math-7b")
     method = name.removesuffix(".py")
     assert c.train.prompts_per_step == 512

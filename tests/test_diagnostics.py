@@ -1,4 +1,4 @@
-"""Entropy diagnostics (METHODS.md section 5) against NumPy references."""
+"""Entropy diagnostics (docs/algorithms.md#entropy-diagnostics) against NumPy references."""
 
 from __future__ import annotations
 

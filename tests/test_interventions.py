@@ -1,4 +1,4 @@
-"""Entropy interventions (METHODS.md section 4) against NumPy references."""
+"""Entropy interventions (docs/algorithms.md#entropy-interventions) against NumPy references."""
 
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def test_rand_pos_clip_select(ratio):
 
 
 def np_steer(logp, old, ent, adv, mask, lmin=0.8, lmax=1.0, linear=False, norm=None):
-    """Written from METHODS.md section 4 (STEER) / the reference compute_token_weights."""
+    """Written from docs/algorithms.md#steer / the reference compute_token_weights."""
     logp, old, ent, adv = (np.asarray(x, np.float64) for x in (logp, old, ent, adv))
     b = logp.shape[0]
     p = np.clip(np.exp(logp), 1e-8, 1 - 1e-8)

@@ -1,4 +1,7 @@
-"""Advantages, PPO loss, aggregation, KL and entropy against NumPy references (METHODS.md 1-3)."""
+"""Advantages, PPO loss, aggregation, KL and entropy against NumPy references.
+
+Formulas: docs/algorithms.md (group advantages to token entropy).
+"""
 
 from __future__ import annotations
 

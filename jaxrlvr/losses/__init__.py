@@ -1,6 +1,6 @@
 """Pure, jit-compatible RLVR math: advantages, PPO losses, entropy, interventions, diagnostics.
 
-The exact formulas are specified in METHODS.md; see each module's docstring.
+The exact formulas are specified in docs/algorithms.md; see each module's docstring.
 """
 
 from jaxrlvr.losses.advantages import grpo_advantages

@@ -1,4 +1,4 @@
-"""GRPO group-relative advantages (METHODS.md section 1)."""
+"""GRPO group-relative advantages (docs/algorithms.md#group-advantages)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Entropy diagnostics (METHODS.md section 5): covariance distribution, advantage shares and
-the first-order entropy-change check of Cui et al. (Lemma 1).
+"""Entropy diagnostics (docs/algorithms.md#entropy-diagnostics): covariance distribution,
+advantage shares and the first-order entropy-change check of Cui et al. (Lemma 1).
 
 All functions return float32 scalars (dicts of them) or per-position arrays and are
 jit-compatible; the trainer turns the scalars into metrics.

@@ -1,4 +1,6 @@
-"""Token log-probs and entropies from logits, chunked over the sequence (METHODS.md section 3).
+"""Token log-probs and entropies from logits, chunked over the sequence.
+
+Formulas: docs/algorithms.md#token-entropy.
 
 The LM head of Qwen2.5 has a 152k vocabulary: [B, T, V] float32 logits of a long rollout do
 not fit in memory. ``token_logp_entropy`` takes the final hidden states and the LM-head

@@ -1,4 +1,5 @@
-"""Entropy interventions (METHODS.md section 4): token weights, selections and controllers.
+"""Entropy interventions (docs/algorithms.md#entropy-interventions): token weights,
+selections and controllers.
 
 Every function is pure and jit-compatible (static shapes; dynamic counts such as
 ``n = max(1, floor(ratio * N_valid))`` are handled by ranking under a mask, never by

@@ -1,8 +1,10 @@
-"""PPO clipped surrogate, loss aggregation and KL estimators (METHODS.md section 2).
+"""PPO clipped surrogate, loss aggregation and KL estimators.
+
+Formulas: docs/algorithms.md#ppo-clipped-surrogate, #loss-aggregation and #kl-penalty.
 
 Aggregation and gradient accumulation
 -------------------------------------
-METHODS.md takes the denominators of every aggregation mode over the whole mini-batch
+The denominators of every aggregation mode are taken over the whole mini-batch
 (one optimizer update), so that the loss, and its gradient, do not depend on how the
 mini-batch is split into micro-batches. The API makes this explicit:
 
@@ -69,7 +71,7 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def log_ratio(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
-    """d = clip(logp - old_logp, -20, 20), float32 (the clip of METHODS.md section 2)."""
+    """d = clip(logp - old_logp, -20, 20), float32 (docs/algorithms.md#log-ratio-clamp)."""
     return jnp.clip(_f32(logp) - _f32(old_logp), -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
 
 
@@ -97,7 +99,7 @@ def ppo_token_loss(
     eps_high: float | jax.Array,
     dual_clip: float | jax.Array | None = None,
 ) -> PPOTerms:
-    """PPO clipped surrogate per token (METHODS.md section 2).
+    """PPO clipped surrogate per token (docs/algorithms.md#ppo-clipped-surrogate).
 
     ``l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r = exp(clip(logp -
     old_logp, -20, 20))``; with ``dual_clip=c`` and ``A < 0`` additionally ``min(l, -A c)``.
@@ -189,8 +191,8 @@ def aggregate(
 ) -> jax.Array:  # scalar float32
     """Aggregate a per-token quantity over valid tokens by one of ``AGG_MODES``.
 
-    With ``norm=None`` the denominators come from ``mask`` (METHODS.md table). For gradient
-    accumulation pass ``norm=agg_norm(minibatch_mask)`` and sum over micro-batches.
+    With ``norm=None`` the denominators come from ``mask`` (docs/algorithms.md#loss-aggregation).
+    For gradient accumulation pass ``norm=agg_norm(minibatch_mask)`` and sum over micro-batches.
     """
     return jnp.sum(_f32(x) * aggregation_weights(mask, mode, norm))
 

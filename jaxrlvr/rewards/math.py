@@ -150,7 +150,8 @@ class MathReward:
     """Reward 1 when math-verify finds the response's final answer equal to the ground truth.
 
     `score_batch` runs the checks in `num_workers` subprocesses, each check limited to
-    `timeout_s` of wall-clock time; time-outs and exceptions score 0 and are counted.
+    `timeout_s` of wall-clock time and the whole batch to `batch_timeout_s` (None = no
+    limit); time-outs and exceptions score 0 and are counted.
     """
 
     name = "math"
@@ -160,16 +161,19 @@ class MathReward:
         num_workers: int | None = None,
         timeout_s: float = 5.0,
         checker: str = "jaxrlvr.rewards.math:check_math_response",
+        batch_timeout_s: float | None = None,
     ):
         self.pool = CheckerPool(
             checker, num_workers=num_workers or default_num_workers(), timeout_s=timeout_s
         )
+        self.batch_timeout_s = batch_timeout_s
 
     def score_batch(self, responses: Sequence[str], answers: Sequence[str]) -> ScoreResult:
         """Score response i against answers[i]; returns (rewards float32 [N], statuses)."""
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-        out = self.pool.map([(str(r), str(a)) for r, a in zip(responses, answers, strict=True)])
+        items = [(str(r), str(a)) for r, a in zip(responses, answers, strict=True)]
+        out = self.pool.map(items, batch_timeout_s=self.batch_timeout_s)
         result = result_from_status([s for s, _ in out])
         if result.num_errors:
             first = next(d for s, d in out if s not in (OK, WRONG, NO_ANSWER))

@@ -9,7 +9,13 @@ a process holding JAX threads, no re-import of the trainer's `__main__`), talkin
 lines over its stdin/stdout. The parent hands each idle worker one item at a time; an
 item still running `timeout_s` after it was handed out gets its worker killed (SIGKILL)
 and replaced, and scores TIMEOUT. A checker exception scores ERROR; a worker that dies
-mid-item scores ERROR and is replaced.
+mid-item scores ERROR and is replaced. With a batch limit (`map(items, batch_timeout_s)`),
+items still unscored when it runs out score TIMEOUT and the busy workers are replaced.
+
+Workers never outlive the trainer: each asks the kernel for SIGKILL when its parent
+dies (Linux `PR_SET_PDEATHSIG`; the parent is the thread that started the pool's first
+`map`, so call it from a long-lived thread), and elsewhere exits when it sees its parent
+gone. A trainer killed with `kill -9` leaves no checker running.
 
 A checker is a module-level function `f(*args) -> status` named as `"module:function"`;
 it runs in the worker's main thread. If its module defines `warmup()`, the worker calls
@@ -48,7 +54,7 @@ class _Worker:
 
     def __init__(self, checker: str, env: dict[str, str]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jaxrlvr.rewards.pool", checker],
+            [sys.executable, "-m", "jaxrlvr.rewards.pool", checker, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # inherit: checker tracebacks and warnings stay visible
@@ -159,15 +165,21 @@ class CheckerPool:
         sel.register(nw.fd, selectors.EVENT_READ, nw)
         return nw
 
-    def map(self, items: Sequence[Sequence[Any]]) -> list[tuple[str, str]]:
-        """Check every item; returns one (status, detail) per item, in order."""
+    def map(
+        self, items: Sequence[Sequence[Any]], batch_timeout_s: float | None = None
+    ) -> list[tuple[str, str]]:
+        """Check every item; returns one (status, detail) per item, in order. Items not
+        done within `batch_timeout_s` (None = no limit) score TIMEOUT."""
         with self._lock:
-            return self._map(items)
+            return self._map(items, batch_timeout_s)
 
-    def _map(self, items: Sequence[Sequence[Any]]) -> list[tuple[str, str]]:
+    def _map(
+        self, items: Sequence[Sequence[Any]], batch_timeout_s: float | None
+    ) -> list[tuple[str, str]]:
         results: list[tuple[str, str] | None] = [None] * len(items)
         if not items:
             return []
+        batch_deadline = time.monotonic() + (batch_timeout_s or float("inf"))
         while len(self._workers) < self.num_workers:
             self._spawn()
         pending = deque(range(len(items)))
@@ -194,7 +206,8 @@ class CheckerPool:
                             f"{self.startup_timeout_s:.0f} s"
                         )
                 busy = [w.deadline for w in self._workers if w.item is not None]
-                wait = max(0.0, min(busy) - time.monotonic()) if busy else 1.0
+                wait = min(min(busy) if busy else now + 1.0, batch_deadline) - time.monotonic()
+                wait = max(0.0, wait)
                 for key, _ in sel.select(timeout=wait):
                     w: _Worker = key.data
                     msgs, eof = w.read_messages()
@@ -228,6 +241,8 @@ class CheckerPool:
                         results[w.item] = (TIMEOUT, f"killed after {self.timeout_s:g} s")
                         remaining -= 1
                         self._replace(w, sel)
+                if remaining and now >= batch_deadline:
+                    remaining -= self._expire(results, pending, sel, batch_timeout_s)
         except BaseException:
             _shutdown(self._workers)  # workers may hold half-done items: start fresh next time
             raise
@@ -235,9 +250,47 @@ class CheckerPool:
             sel.close()
         return [r for r in results if r is not None]
 
+    def _expire(self, results, pending: deque, sel, limit: float) -> int:
+        """The batch limit ran out: every unscored item scores TIMEOUT, busy workers are
+        replaced. Returns the number of items expired."""
+        detail = f"batch time limit of {limit:g} s ran out"
+        expired = 0
+        for w in list(self._workers):
+            if w.item is not None:
+                results[w.item] = (TIMEOUT, detail)
+                expired += 1
+                self._replace(w, sel)
+        while pending:
+            results[pending.popleft()] = (TIMEOUT, detail)
+            expired += 1
+        return expired
 
-def _worker_main(checker_spec: str) -> None:
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker end when `parent` does (see module docstring)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    else:  # a watchdog; it cannot preempt a check that holds the GIL
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_main(checker_spec: str, parent: int | None = None) -> None:
     """Worker loop: read {"id", "args"} lines, answer {"id", "status", "detail"} lines."""
+    if parent is not None:
+        _die_with_parent(parent)
     out = os.fdopen(os.dup(1), "w", buffering=1)  # private protocol channel
     os.dup2(2, 1)  # stray prints from checker code go to stderr, not into the protocol
     try:
@@ -259,4 +312,4 @@ def _worker_main(checker_spec: str) -> None:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    _worker_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

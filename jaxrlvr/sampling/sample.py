@@ -8,7 +8,8 @@ mix of greedy and sampled requests. Conventions (as Hugging Face `generate`):
   distribution renormalised over the top-k set. `top_k = 0` (or >= V) and `top_p = 1`
   are off. Tokens tied with the cut-off value are all kept.
 - The returned log-prob is `log_softmax(logits / T)[token]` on the *untruncated*
-  distribution: the behaviour-policy log-prob the PPO ratio needs (see METHODS.md).
+  distribution: the behaviour-policy log-prob the PPO ratio needs
+  (docs/algorithms.md#sampling-transforms).
 
 No full-vocabulary sort (slow on CPU): the top-k / top-p cut-off is found by bisection on
 the order-preserving integer image of the float logits (32 exact steps), and sampling is

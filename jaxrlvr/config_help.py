@@ -1,0 +1,148 @@
+"""What each config field means, for `--show_config` and for errors about `--config.KEY`.
+
+`HELP` holds one line per field of `config.base_config` (a test checks that every field
+has one and that `docs/config.md` documents it); `describe` prints a resolved config
+with each field's value, its default and its help; `override_error` turns a failed
+`--config.KEY=VALUE` flag into one line naming the key and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import re
+
+import ml_collections
+
+from jaxrlvr.config import base_config
+from jaxrlvr.record import flatten
+
+HELP: dict[str, str] = {
+    "preset": "model preset, set by the config argument: demo | qwen2.5-math-7b | ...",
+    "name": "method name, used in the default workdir",
+    "workdir": "output directory; None = runs/<name>-<preset>",
+    "seed": "seeds the data order, the PRNG key and the sampling seeds",
+    "model.path": "local Hugging Face checkpoint directory (config, safetensors, tokenizer)",
+    "model.dtype": "compute dtype: float32 | bfloat16",
+    "model.param_dtype": "storage dtype of parameters and AdamW moments: float32 | bfloat16",
+    "model.remat": "activation checkpointing per layer: none | full | dots",
+    "model.logp_chunk": "sequence chunk of the log-prob/entropy computation ([chunk, V] logits)",
+    "data.train_files": "comma-separated .jsonl/.parquet paths or globs",
+    "data.eval_files": "comma-separated eval files; None = no evaluation",
+    "data.prompt_field": "dotted path of the prompt; '' = prompt, else problem",
+    "data.answer_field": "dotted path of the ground-truth answer",
+    "data.prompt_template": "qwen_chat | dapo | raw",
+    "data.max_prompt_len": "tokens; longer prompts are dropped (counted)",
+    "data.shuffle": "a fresh permutation of the prompts every epoch",
+    "reward.name": "math (math-verify) | demo (the arithmetic checker)",
+    "reward.timeout_s": "math: wall-clock limit per answer (a time-out scores 0)",
+    "reward.batch_timeout_s": "math: wall-clock limit per scored batch; answers left score 0 "
+    "and count as time-outs; 0 = off",
+    "reward.num_workers": "math: checker processes; 0 = half the CPUs (1..8)",
+    "rollout.n": "responses per prompt (the GRPO group size)",
+    "rollout.temperature": "sampling temperature; every log-prob uses logits / T",
+    "rollout.top_p": "nucleus sampling, in (0, 1]",
+    "rollout.top_k": "top-k sampling; 0 = off",
+    "rollout.max_new_tokens": "response budget (tokens)",
+    "rollout.max_slots": "concurrent sequences in the sampler's KV cache",
+    "rollout.backend": "engine | jetstream",
+    "algo.eps_low": "PPO lower clip: ratio >= 1 - eps_low",
+    "algo.eps_high": "PPO upper clip: ratio <= 1 + eps_high (> eps_low is Clip-Higher)",
+    "algo.dual_clip": "dual-clip constant c for A < 0; 0 = off",
+    "algo.loss_agg": "token-mean | seq-mean-token-mean | seq-mean-token-sum[-norm]",
+    "algo.std_normalize": "divide group-centred rewards by the group std (False = Dr. GRPO)",
+    "algo.kl_coef": "weight of the KL penalty to the initial policy; > 0 keeps a reference",
+    "algo.kl_estimator": "k1 | k2 | k3",
+    "algo.kl_clamp": "k3 clipped to [-kl_clamp, kl_clamp] as verl does; 0 = off",
+    "algo.entropy_coef": "fixed entropy bonus coefficient",
+    "algo.dynamic_sampling": "DAPO: keep only groups whose rewards differ",
+    "algo.dynamic_sampling_max_batches": "prompt batches tried per step before topping up",
+    "algo.old_logp_source": "source of the old log-probs: trainer | sampler",
+    "algo.intervention": "none | entropy_bonus | adaptive_entropy | clip_cov | kl_cov | pos_adv "
+    "| steer",
+    "algo.adaptive_entropy.target": "target entropy of the adaptive controller (nats)",
+    "algo.adaptive_entropy.delta": "controller step of alpha per training step",
+    "algo.adaptive_entropy.alpha_min": "lower clip of alpha",
+    "algo.adaptive_entropy.alpha_max": "upper clip of alpha",
+    "algo.adaptive_entropy.alpha0": "initial alpha",
+    "algo.clip_cov.ratio": "fraction of tokens detached among the covariance candidates",
+    "algo.clip_cov.lb": "candidates have covariance > lb",
+    "algo.clip_cov.ub": "candidates have covariance < ub",
+    "algo.kl_cov.ratio": "fraction of tokens with the highest covariance penalised",
+    "algo.kl_cov.kl_coef": "weight of |logp - old_logp| on the selected tokens",
+    "algo.pos_adv.schedule": "constant | stage | epoch | entropy_guided | rand_pos_clip",
+    "algo.pos_adv.lam": "lambda of the constant schedule (weight of A > 0 tokens)",
+    "algo.pos_adv.neg_weight": "weight of A < 0 tokens",
+    "algo.pos_adv.delta": "entropy_guided: target entropy",
+    "algo.pos_adv.step": "entropy_guided: lambda increment per step",
+    "algo.pos_adv.lam0": "entropy_guided: initial lambda",
+    "algo.pos_adv.ratio": "rand_pos_clip: fraction of A > 0 tokens zeroed",
+    "algo.steer.lambda_min": "smallest STEER token weight",
+    "algo.steer.lambda_max": "largest weight of the linear variant",
+    "algo.steer.linear": "linear (True) or exponential (False) weights",
+    "algo.steer.norm_sequences": "sequences per normalisation group (divides the micro-batch)",
+    "diagnostics.entropy_check_every": "steps between first-order entropy-change checks; 0 = off",
+    "optim.lr": "peak learning rate",
+    "optim.b1": "AdamW beta1",
+    "optim.b2": "AdamW beta2",
+    "optim.weight_decay": "decoupled weight decay",
+    "optim.warmup_steps": "training steps of linear warm-up",
+    "optim.schedule": "constant | cosine (to 0 at the last update)",
+    "optim.grad_clip": "global-norm gradient clip; 0 = off",
+    "train.steps": "training steps",
+    "train.prompts_per_step": "prompts per rollout batch",
+    "train.mini_batch_prompts": "prompts per optimizer update",
+    "train.micro_batch_sequences": "sequences per gradient-accumulation chunk",
+    "train.eval_every": "steps between evaluations (and the last step); 0 = never",
+    "train.eval_n": "samples per eval prompt (k of Avg@k / Pass@k)",
+    "train.eval_max_prompts": "first k eval prompts; 0 = all",
+    "train.checkpoint_every": "steps between checkpoints (and the last step); 0 = only the last",
+    "train.max_checkpoints": "checkpoints kept",
+    "train.max_skipped_steps": "consecutive steps with non-finite updates before the run stops",
+    "train.log_every": "steps between console summary lines",
+    "train.progress": "progress bars",
+    "mesh.shape": "device mesh sizes over (data, fsdp, tensor); -1 = the remaining devices",
+}
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """Every field of `config`: its value, the `base_config` default where different, and
+    its help, one line each."""
+    values = flatten(json.loads(config.to_json()))
+    defaults = flatten(json.loads(base_config(config.get("preset", "demo")).to_json()))
+    width = max(len(k) for k in values)
+    lines = []
+    for key, value in values.items():
+        default = "" if defaults.get(key) == value else f"  (default {defaults.get(key)!r})"
+        lines.append(f"{key:<{width}} = {value!r}{default}  # {HELP.get(key, '')}")
+    return "\n".join(lines)
+
+
+def override_error(argv: list[str], error: Exception) -> str:
+    """One line for a flag-parsing `error`: an unknown `--config.KEY` is named with the
+    closest valid keys; anything else is the error's first line."""
+    keys = _config_keys(argv)
+    for arg in argv[1:]:
+        m = re.match(r"--config\.([\w.]+)", arg)
+        if m and keys and m.group(1) not in keys:
+            close = difflib.get_close_matches(m.group(1), keys, n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            return f"{arg.split('=')[0]}: no such config key{hint} (see --show_config)"
+    text = str(error).strip().strip("'\"").splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _config_keys(argv: list[str]) -> set[str]:
+    """The field names of the config file named by `--config=FILE[:ARG]` (empty if it
+    cannot be loaded)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/grpo.py")
+    path, _, arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_config_file", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - the caller reports the original error instead
+        return set()
+    return set(flatten(json.loads(config.to_json())))

@@ -1,0 +1,180 @@
+"""The device half of a training step: the train state and the compiled programs around it.
+
+`Learner` owns the `TrainState` (parameters, optimizer, controllers, PRNG key) and the
+step's programs (`jaxrlvr.programs`). `step` takes one step's rollout arrays from the
+host, runs the old-policy (and reference) pass, the step's optimizer updates and the
+controllers, and returns the step's metrics as Python numbers.
+
+Non-finite updates are skipped on device (see `grpo.update`); `step` reports how many
+and why (`skipped_updates`, `skip_reason`), and the trainer stops a run that keeps
+skipping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrlvr import config as config_lib
+from jaxrlvr import distributed, grpo, losses, programs
+from jaxrlvr.sharding import batch_shards
+
+SKIP_REASONS = ("loss", "grad_norm", "params")  # bits of `grpo.update`'s `skip_code`
+
+
+def skip_reason(code: int) -> str:
+    """The names of the non-finite quantities in a `skip_code` bit set ("" when none)."""
+    return ", ".join(name for bit, name in enumerate(SKIP_REASONS) if int(code) >> bit & 1)
+
+
+class Learner:
+    """The train state and the step's compiled programs (see module docstring)."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        graphdef,
+        params,
+        mesh: Mesh,
+        num_epochs: int,
+    ):
+        self.config = c = config
+        self.graphdef = graphdef
+        self.mesh = mesh
+        # The frozen reference (initial policy) needs its own buffers: updates donate the state.
+        self.ref_params = jax.tree.map(jnp.copy, params) if c.algo.kl_coef > 0 else None
+        self.tx, self.schedule = grpo.make_optimizer(
+            c.optim, c.train.steps, config_lib.updates_per_step(c)
+        )
+        shards = batch_shards(mesh)
+        self.settings = grpo.LossSettings.from_config(c, num_epochs=num_epochs, batch_shards=shards)
+        num_sequences = c.train.prompts_per_step * c.rollout.n
+        self.row_order = grpo.device_order(num_sequences, c.train.micro_batch_sequences, shards)
+        self.abstract_state = programs.abstract_train_state(params, self.tx, c)
+        self.programs = programs.build(
+            graphdef, self.tx, self.settings, mesh, self.abstract_state, num_sequences
+        )
+        init = jax.jit(
+            lambda p: grpo.init_state(p, self.tx, c), out_shardings=self.programs.state_shardings
+        )
+        self.state: grpo.TrainState = init(params)
+        self._all_finite = jax.jit(grpo.all_finite)
+
+    def state_bytes(self) -> int:
+        """Bytes of the whole train state (what one checkpoint holds)."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
+
+    def params_finite(self) -> bool:
+        """Whether every parameter is finite (checked before a checkpoint or an export)."""
+        return bool(distributed.to_host(self._all_finite(self.state.params)))
+
+    def set_state(self, state: grpo.TrainState) -> None:
+        self.state = jax.device_put(state, self.programs.state_shardings)
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        """A host array of rollout rows (the same on every process) on the mesh, rows in
+        the device order."""
+        return distributed.global_array(x[self.row_order], self.programs.batch_sharding)
+
+    def _device_batch(self, arrays: dict[str, np.ndarray], zeros: jax.Array) -> grpo.Batch:
+        """The rollout arrays on the mesh (row-sharded); log-prob fields start as zeros."""
+        return grpo.Batch(
+            input_ids=self._put(arrays["input_ids"]),
+            attention_mask=self._put(arrays["attention_mask"]),
+            response_mask=self._put(arrays["response_mask"]),
+            advantages=self._put(arrays["advantages"]),
+            old_logp=zeros,
+            old_entropy=zeros,
+            ref_logp=zeros,
+        )
+
+    def step(self, arrays: dict[str, np.ndarray], epoch: int, check_entropy: bool) -> dict:
+        """Old-policy pass, the step's optimizer updates and controllers, and diagnostics."""
+        with jax.set_mesh(self.mesh):
+            return self._step(arrays, epoch, check_entropy)
+
+    def _step(self, arrays: dict[str, np.ndarray], epoch: int, check_entropy: bool) -> dict:
+        c, fns = self.config, self.programs
+        zeros = self._put(np.zeros(arrays["response_mask"].shape, np.float32))
+        batch = self._device_batch(arrays, zeros)
+        logp, entropy = fns.policy_pass(self.state.params, batch)
+        mask = batch.response_mask
+        sampler_logp = self._put(arrays["sampler_logp"])
+        ref_logp = zeros
+        if self.ref_params is not None:
+            ref_logp, _ = fns.policy_pass(self.ref_params, batch)
+        old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
+        batch = batch._replace(old_logp=old_logp, old_entropy=entropy, ref_logp=ref_logp)
+        inputs = fns.step_inputs(self.state, old_logp, mask, np.int32(epoch))
+        params_before = None
+        if check_entropy:  # a copy: the updates donate the state's buffers
+            params_before = jax.tree.map(jnp.copy, self.state.params)
+        n_mini = config_lib.updates_per_step(c)
+        per_update = []
+        for k in range(n_mini):  # mini-batch k is sliced on device, within each shard
+            self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
+            per_update.append(m)
+        step_entropy = losses.masked_mean(entropy, mask)
+        entropy_delta = step_entropy - self.state.entropy  # NaN on the first step
+        self.state = fns.finish_step(self.state, step_entropy, inputs)  # donates the state
+        tokens = jnp.maximum(jnp.sum(mask), 1.0)
+        stats = {
+            "entropy": step_entropy,
+            "entropy_delta": entropy_delta,
+            "sampler_logp_abs_diff": jnp.sum(jnp.abs(logp - sampler_logp) * mask) / tokens,
+            **fns.diagnostics(batch),
+        }
+        if params_before is not None:
+            stats |= fns.entropy_check(params_before, self.state.params, batch)
+        stats, per_update, inputs = distributed.to_host((stats, per_update, inputs))
+
+        codes = [int(m.pop("skip_code")) for m in per_update]
+        applied = [m for m, code in zip(per_update, codes, strict=True) if not code] or per_update
+        metrics = {k: float(v) for k, v in stats.items()}
+        for key in per_update[0]:  # means over the updates that were applied
+            metrics[key] = float(np.mean([m[key] for m in applied]))
+        metrics["skipped_updates"] = sum(bool(code) for code in codes)
+        if any(codes):
+            metrics["skip_reason"] = skip_reason(np.bitwise_or.reduce(codes))
+        metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
+        if not c.algo.kl_coef:
+            metrics.pop("kl")
+        frac, wmean = metrics.pop("intervention_frac"), metrics.pop("weight_mean")
+        wmin = float(np.min([m["weight_min"] for m in applied]))
+        metrics.pop("weight_min")
+        return metrics | self._method_metrics(frac, wmean, wmin, inputs)
+
+    def _method_metrics(
+        self, frac: float, wmean: float, wmin: float, inputs: grpo.StepInputs
+    ) -> dict[str, float]:
+        """The generic intervention metrics, named after the active method."""
+        a = self.config.algo
+        out: dict[str, float] = {}
+        if a.intervention in ("clip_cov", "kl_cov"):
+            out[f"{a.intervention}_frac"] = frac
+        elif a.intervention == "pos_adv":
+            if a.pos_adv.schedule == "rand_pos_clip":
+                out["rand_pos_clip_frac"] = frac
+            else:
+                out["lambda"] = float(inputs.lam)
+        elif a.intervention == "steer":
+            out["steer_weight_mean"], out["steer_weight_min"] = wmean, wmin
+        elif a.intervention == "adaptive_entropy":
+            out["alpha"] = float(inputs.alpha)
+            out["entropy_estimate"] = float(inputs.h_hat)
+            out["alpha_next"] = float(self.state.controllers.alpha.alpha)
+        if a.intervention == "pos_adv" and a.pos_adv.schedule == "entropy_guided":
+            out["lambda_next"] = float(self.state.controllers.lam.lam)
+        return out
+
+    def host_state(self) -> dict[str, Any]:
+        """The host-side view of the state every process must hold identically."""
+        st = self.state
+        return distributed.to_host(
+            (st.step, st.controllers, jax.random.key_data(st.rng), st.entropy)
+        )

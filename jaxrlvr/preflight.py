@@ -1,0 +1,84 @@
+"""Checks that run before anything is compiled, so a run fails in seconds, not hours.
+
+Each raises `ConfigError` naming the config key and the file or directory at fault:
+a model directory without weights or tokenizer files, a workdir that cannot be written,
+and a disk with less free space than one checkpoint of the train state needs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jaxrlvr.config import ConfigError, updates_per_step
+
+# A tokenizer the trainer can load: the fast tokenizer file, or the BPE vocabulary pair.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_model_dir(path: str) -> None:
+    """`path` holds a Hugging Face config, safetensors weights and tokenizer files."""
+    key = "config.model.path"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{key}={path!r}: no config.json in the model directory")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        raise ConfigError(f"{key}={path!r}: no *.safetensors weights in the model directory")
+    present = [
+        fs for fs in TOKENIZER_FILES if all(os.path.isfile(os.path.join(path, f)) for f in fs)
+    ]
+    if not present:
+        wanted = " or ".join(" + ".join(fs) for fs in TOKENIZER_FILES)
+        raise ConfigError(
+            f"{key}={path!r}: no tokenizer files (need {wanted}); copy them from the "
+            "checkpoint's Hugging Face repository"
+        )
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir exists (created if needed) and a file can be written and removed there."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"config.workdir={workdir!r}: cannot write there ({e.strerror})"
+        ) from None
+
+
+def checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
+    """Bytes of one checkpoint of the train state: parameters and optimizer moments,
+    from the model directory's config (shapes only; nothing is allocated or compiled)."""
+    from jaxrlvr import grpo
+    from jaxrlvr.models import Qwen2, Qwen2Config
+
+    c = config
+    cfg = Qwen2Config.from_pretrained(
+        c.model.path, dtype=c.model.dtype, param_dtype=c.model.param_dtype
+    )
+    model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
+    _, params = nnx.split(model, nnx.Param)
+    tx, _ = grpo.make_optimizer(c.optim, c.train.steps, updates_per_step(c))
+    opt_state = jax.eval_shape(tx.init, params)
+    leaves = jax.tree.leaves((params, opt_state))
+    return sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def check_disk_space(directory: str, need_bytes: int, what: str = "one checkpoint") -> None:
+    """`directory`'s file system has at least `need_bytes` free."""
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"config.workdir={directory!r}: {_gib(free)} free on its disk, less than the "
+            f"{_gib(need_bytes)} {what} of this run needs"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"

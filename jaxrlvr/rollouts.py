@@ -1,0 +1,139 @@
+"""Rollout collection: sample groups of responses, score them, and build the update batch.
+
+`RolloutCollector` is the host-side half of a training step: it draws prompt batches,
+samples `rollout.n` responses per prompt with the current policy, scores them with the
+verifiable reward, keeps informative groups (DAPO dynamic sampling), computes the group
+advantages and pads everything into `grpo.Batch` arrays. In-loop evaluation samples and
+scores through the same `generate` and `score`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxrlvr import distributed, grpo, losses
+from jaxrlvr.rewards import ERROR, TIMEOUT, RewardFn
+from jaxrlvr.sampling import Engine, SamplingParams, generate
+
+
+def derive_seed(*parts: int) -> int:
+    """A sampling seed from integers, stable across processes (unlike `hash`)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] >> 1)
+
+
+class Scores(NamedTuple):
+    """Rewards of a batch of completions and the counts of failed checks."""
+
+    rewards: np.ndarray  # float32 [N]
+    errors: int  # checker exceptions and dead workers
+    timeouts: int  # answers over the per-answer limit or left when the batch limit ran out
+
+
+class RolloutCollector:
+    """Samples, scores and batches the rollouts of one step (see module docstring)."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        engine: Engine,
+        tokenizer,
+        reward_fn: RewardFn,
+        stop_ids: tuple[int, ...],
+        pad_id: int,
+    ):
+        self.config = config
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.stop_ids = stop_ids
+        self.pad_id = pad_id
+
+    def generate(self, prompts: list[list[int]], n: int, seed: int):
+        """`n` sampled completions for each prompt with the engine's current weights."""
+        r = self.config.rollout
+        params = SamplingParams(
+            n=n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=seed,
+        )
+        return generate(
+            self.engine,
+            prompts,
+            params,
+            backend="native" if r.backend == "engine" else "jetstream",
+            progress=self.config.train.progress and len(prompts) * n >= 1024,
+        )
+
+    def score(self, completions, answers: list[str], n: int) -> Scores:
+        """Rewards of every completion (answer i for completions i*n ... i*n+n-1); with
+        several processes each scores its share and the shares are gathered."""
+        mine = distributed.share(len(completions))
+        texts = [
+            self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[mine]
+        ]
+        result = self.reward_fn.score_batch(texts, [a for a in answers for _ in range(n)][mine])
+        counts = result.counts()
+        failures = np.asarray([counts[ERROR], counts[TIMEOUT]], np.int64)
+        rewards = distributed.gather(np.asarray(result.rewards, np.float32), len(completions))
+        failures = distributed.gather(failures[None], jax.process_count()).sum(axis=0)
+        return Scores(rewards, int(failures[0]), int(failures[1]))
+
+    def collect(self, step: int, data_iter) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Rollouts, rewards and advantages of one step (with DAPO dynamic sampling)."""
+        c = self.config
+        n, want = c.rollout.n, c.train.prompts_per_step
+        kept: list[tuple] = []  # (prompt, completions, rewards) per group
+        spare: list[tuple] = []
+        all_rewards, errors, timeouts, epochs = [], 0, 0, []
+        for attempt in range(c.algo.dynamic_sampling_max_batches if c.algo.dynamic_sampling else 1):
+            batch = next(data_iter)
+            epochs.append(batch.epoch)
+            out = self.generate(batch.input_ids, n, derive_seed(c.seed, step, attempt))
+            scores = self.score([comp for group in out for comp in group], batch.answers, n)
+            all_rewards.append(scores.rewards)
+            errors, timeouts = errors + scores.errors, timeouts + scores.timeouts
+            for i, prompt in enumerate(batch.input_ids):
+                g = (prompt, out[i], scores.rewards[i * n : (i + 1) * n])
+                informative = not c.algo.dynamic_sampling or np.ptp(g[2]) > 0
+                (kept if informative else spare).append(g)
+            if len(kept) >= want:
+                break
+        groups = (kept + spare)[:want]  # top up with uninformative groups if sampling ran dry
+        rewards = np.concatenate([g[2] for g in groups])
+        adv = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), n, c.algo.std_normalize))
+        comps = [comp for g in groups for comp in g[1]]
+        arrays = grpo.rollout_batch(
+            [g[0] for g in groups for _ in range(n)],
+            [comp.token_ids for comp in comps],
+            [comp.logprobs for comp in comps],
+            adv,
+            prompt_len=c.data.max_prompt_len,
+            response_len=c.rollout.max_new_tokens,
+            pad_id=self.pad_id,
+        )
+        lengths = np.array([len(comp.token_ids) for comp in comps])
+        sampled = np.concatenate(all_rewards)
+        info = {
+            "reward_mean": float(sampled.mean()),
+            "accuracy": float((sampled >= 1.0).mean()),
+            "reward_errors": errors,
+            "reward_timeouts": timeouts,
+            "response_length_mean": float(lengths.mean()),
+            "response_length_max": int(lengths.max()),
+            "truncated_frac": float(np.mean([comp.finish_reason == "length" for comp in comps])),
+            "generated_tokens": int(lengths.sum()),
+            "epoch": int(max(epochs)),
+        }
+        if c.algo.dynamic_sampling:
+            info["dynamic_sampling_batches"] = len(all_rewards)
+            info["dynamic_sampling_kept_frac"] = float(min(len(kept), want) / want)
+        return arrays, info
