@@ -52,8 +52,9 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-        """Save asynchronously; a checkpoint only becomes visible once complete."""
-        self.check_for_errors()
+        """Save asynchronously; a checkpoint only becomes visible once complete. The
+        previous save must have succeeded (else `CheckpointError` names its step)."""
+        self.wait()
         try:
             self._mngr.save(
                 step,

@@ -183,6 +183,33 @@ def test_first_update_is_on_policy():
     assert float(m["approx_kl"]) < 1e-10 and float(m["pg_clipfrac"]) == 0.0
 
 
+def test_non_finite_update_leaves_the_state_unchanged():
+    """The on-device guard: a NaN loss skips the update (parameters and moments kept)."""
+    c = base_config("demo")
+    c.data.max_prompt_len = 6
+    c.train.prompts_per_step = c.train.mini_batch_prompts
+    c.train.micro_batch_sequences = 4
+    cfg = preset("tiny")
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    s = grpo.LossSettings.from_config(c)
+    tx, _ = grpo.make_optimizer(c.optim, 10, 1)
+    state = grpo.init_state(params, tx, c)
+    batch = _random_batch(cfg, 8, 6, 5)
+    inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
+    update = jax.jit(lambda st, b: grpo.update(st, graphdef, tx, b, 0, inputs, s))
+    before = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.opt_state)))
+    bad = batch._replace(advantages=batch.advantages.at[0].set(jnp.nan))
+    new, m = update(state, bad)
+    assert int(m["skip_code"]) & 1 and not np.isfinite(float(m["loss"]))
+    after = jax.tree.leaves((new.params, new.opt_state))
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    new, m = update(state, batch)
+    assert int(m["skip_code"]) == 0
+    after = jax.tree.leaves((new.params, new.opt_state))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, after, strict=True))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -1,0 +1,43 @@
+"""`python tests/fault_runner.py FAULT [train flags...]`: `jaxrlvr.train` with a fault injected.
+
+FAULT is one of:
+- `none`: the plain command line.
+- `slow_save`: every checkpoint save first creates `$FAULT_MARKER` and then sleeps 3 s,
+  so a signal sent when the marker appears lands in the middle of a save.
+- `file_size_limit`: the kernel refuses writes that grow a file past 32 KiB (as a full
+  disk refuses them); the demo's checkpoint files are larger, its metrics file smaller.
+"""
+
+import os
+import resource
+import signal
+import sys
+import time
+
+from absl import app
+
+from jaxrlvr import train
+from jaxrlvr.checkpointing import Checkpointer
+
+
+def slow_save():
+    save = Checkpointer.save
+
+    def slow(self, step, state, data_state):
+        open(os.environ["FAULT_MARKER"], "w").close()
+        time.sleep(3.0)
+        save(self, step, state, data_state)
+
+    Checkpointer.save = slow
+
+
+def file_size_limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
+
+
+if __name__ == "__main__":
+    fault, argv = sys.argv[1], [sys.argv[0], *sys.argv[2:]]
+    {"none": lambda: None, "slow_save": slow_save, "file_size_limit": file_size_limit}[fault]()
+    train.define_flags()
+    app.run(train.main, argv=argv, flags_parser=train.parse_flags)
