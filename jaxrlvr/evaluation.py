@@ -1,17 +1,291 @@
-"""Avg@k and Pass@k of a policy on held-out prompts."""
+"""Evaluation of a policy on held-out benchmarks: accuracy, Pass@k, majority vote,
+calibration and diversity of its n samples per prompt.
+
+An eval set is named and carries its own answer field and prompt template, written
+`NAME=PATH[:answer_field[:template]]` (a bare `PATH` is named after the file). The
+trainer's in-loop evaluation and `python -m jaxrlvr.evaluate` both sample through
+`Evaluator` and compute the same metrics with `benchmark_metrics`:
+
+- `avg@n`: mean correctness over all n samples of every prompt;
+- `pass@k` for k = 1, 2, 4, ... up to n (and n): the unbiased estimator
+  `1 - C(n - c, k) / C(n, k)` of the chance that k samples hold a correct one, with c
+  correct among the prompt's n, averaged over prompts;
+- `maj@n`: the prompt counts as solved when the most frequent extracted answer (answers
+  compared as strings after whitespace normalisation; ties go to the first seen) is a
+  correct one;
+- `length`: mean response length in tokens;
+- `ece`: expected calibration error of the confidence `exp(mean token log-prob)` (the
+  sequence's geometric-mean token probability at the sampling temperature) against
+  correctness, over 10 equal-width bins: `sum_b |B_b| / N * |mean conf_b - mean acc_b|`;
+- `distinct_1`, `distinct_2`: distinct token n-grams over all n-grams of a prompt's n
+  responses, averaged over prompts;
+- `dissimilarity`: mean over pairs of a prompt's responses of `1 - Jaccard` of their
+  token-bigram sets (0: identical, 1: nothing shared), averaged over prompts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
+from jaxrlvr.config import ConfigError, split_files
 
-def avg_and_pass_at_k(correct: np.ndarray) -> tuple[float, float]:
-    """`correct` [prompts, k] booleans -> (Avg@k, Pass@k).
+ECE_BINS = 10
 
-    Avg@k is the mean accuracy over all k samples of every prompt; Pass@k the fraction of
-    prompts with at least one correct sample.
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """One eval set: its name, file(s), answer field and prompt template."""
+
+    name: str
+    path: str
+    answer_field: str
+    template: str
+
+
+def parse_eval_spec(spec: str, answer_field: str, template: str) -> EvalSpec:
+    """`NAME=PATH[:answer_field[:template]]`, or a bare `PATH` (named after the file);
+    unset parts take the given defaults."""
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        name, rest = "", spec
+    path, *extra = rest.split(":")
+    if len(extra) > 2 or not path:
+        raise ConfigError(f"eval set {spec!r}: expected NAME=PATH[:answer_field[:template]]")
+    name = name or os.path.splitext(os.path.basename(path))[0].replace("*", "")
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"eval set {spec!r}: name {name!r} must be letters, digits, - _ .")
+    field = extra[0] if extra and extra[0] else answer_field
+    tmpl = extra[1] if len(extra) > 1 and extra[1] else template
+    return EvalSpec(name, path, field, tmpl)
+
+
+def parse_eval_specs(text: str | Sequence[str] | None, answer_field: str, template: str):
+    """Comma-separated (or a list of) eval specs -> `EvalSpec`s with distinct names."""
+    items = split_files(text) if isinstance(text, str) or text is None else list(text)
+    specs = [parse_eval_spec(s, answer_field, template) for s in items]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"eval sets: the name {dup!r} is used twice; name them NAME=PATH")
+    return specs
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"k={k} > n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k of the reported Pass@k: 1, 2, 4, ... below n, and n."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i < n]
+    return [*ks, n]
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Whether the most frequent extracted answer is a correct one (None never votes)."""
+    norm = [" ".join(a.split()) if a is not None else None for a in answers]
+    votes = Counter(a for a in norm if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a for a in norm if a is not None and votes[a] == top)  # first seen wins ties
+    return any(ok for a, ok in zip(norm, correct, strict=True) if a == winner)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS):
+    """ECE over `bins` equal-width confidence bins (see module docstring)."""
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    if confidence.size == 0:
+        return float("nan")
+    idx = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.mean() * abs(confidence[sel].mean() - correct[sel].mean())
+    return float(total)
+
+
+def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(responses: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of a group of responses (NaN if none)."""
+    grams = [g for r in responses for g in _ngrams(r, n)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def pairwise_dissimilarity(responses: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Mean over pairs of `1 - Jaccard(n-gram sets)` (NaN with fewer than 2 responses)."""
+    sets = [set(_ngrams(r, n)) or {tuple(r)} for r in responses]
+    values = [
+        1.0 - len(a & b) / len(a | b) if a | b else 0.0
+        for i, a in enumerate(sets)
+        for b in sets[i + 1 :]
+    ]
+    return float(np.mean(values)) if values else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One sampled response to an eval prompt, scored."""
+
+    benchmark: str
+    prompt_index: int
+    sample_index: int
+    token_ids: tuple[int, ...]
+    text: str
+    answer: str | None  # the extracted final answer
+    correct: bool
+    mean_logp: float  # mean token log-prob at the sampling temperature
+
+    def record(self) -> dict[str, Any]:
+        """The `samples.jsonl` row."""
+        return {
+            "benchmark": self.benchmark,
+            "prompt_index": self.prompt_index,
+            "sample_index": self.sample_index,
+            "response": self.text,
+            "answer": self.answer,
+            "correct": self.correct,
+            "length": len(self.token_ids),
+        }
+
+
+def benchmark_metrics(samples: Sequence[Sample], n: int) -> dict[str, float]:
+    """Every metric of the module docstring over the samples of one benchmark (or of
+    several pooled), n samples per prompt."""
+    groups: dict[tuple[str, int], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.benchmark, s.prompt_index), []).append(s)
+    if not groups:
+        return {}
+    if any(len(g) != n for g in groups.values()):
+        raise ValueError(f"every prompt needs exactly n={n} samples")
+    correct = [[s.correct for s in g] for g in groups.values()]
+    out = {f"avg@{n}": float(np.mean(correct))}
+    for k in pass_ks(n):
+        out[f"pass@{k}"] = float(np.mean([pass_at_k(n, sum(c), k) for c in correct]))
+    out[f"maj@{n}"] = float(
+        np.mean(
+            [
+                majority_correct([s.answer for s in g], [s.correct for s in g])
+                for g in groups.values()
+            ]
+        )
+    )
+    out["length"] = float(np.mean([len(s.token_ids) for s in samples]))
+    conf = np.exp([s.mean_logp for s in samples])
+    out["ece"] = expected_calibration_error(conf, [s.correct for s in samples])
+    tokens = [[list(s.token_ids) for s in g] for g in groups.values()]
+    for k in (1, 2):
+        out[f"distinct_{k}"] = float(np.nanmean([distinct_n(t, k) for t in tokens]))
+    out["dissimilarity"] = float(np.nanmean([pairwise_dissimilarity(t) for t in tokens]))
+    out["prompts"] = len(groups)
+    return out
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """A named set of tokenized eval prompts (`jaxrlvr.data.PromptSet`)."""
+
+    spec: EvalSpec
+    prompts: Any
+
+
+class Evaluator:
+    """Samples `n` responses per prompt of every eval set and scores them.
+
+    `rollouts` is a `jaxrlvr.rollouts.RolloutCollector` (its engine holds the policy to
+    evaluate); `max_prompts` keeps the first prompts of each set (0 = all).
     """
-    correct = np.asarray(correct, bool)
-    if correct.size == 0:
-        return float("nan"), float("nan")
-    return float(correct.mean()), float(correct.any(axis=1).mean())
+
+    def __init__(self, sets: Sequence[EvalSet], rollouts, n: int, max_prompts: int = 0):
+        self.sets, self.rollouts, self.n, self.max_prompts = list(sets), rollouts, n, max_prompts
+
+    def sample(self, seed: int) -> list[Sample]:
+        """Scored samples of every set (all sets in one generation call)."""
+        ids, answers, owners = [], [], []
+        for set_index, s in enumerate(self.sets):
+            count = (
+                len(s.prompts) if not self.max_prompts else min(self.max_prompts, len(s.prompts))
+            )
+            for i in range(count):
+                ids.append([int(t) for t in s.prompts.input_ids[i]])
+                answers.append(s.prompts.answers[i])
+                owners.append((set_index, i))
+        out = self.rollouts.generate(ids, self.n, seed)
+        flat = [comp for group in out for comp in group]
+        scores = self.rollouts.score(flat, answers, self.n)
+        texts = [self.rollouts.decode(c.token_ids) for c in flat]
+        extracted = self.rollouts.reward_fn.extract_answers(texts)
+        self.failures = (scores.errors, scores.timeouts)
+        samples = []
+        for j, comp in enumerate(flat):
+            set_index, prompt_index = owners[j // self.n]
+            samples.append(
+                Sample(
+                    benchmark=self.sets[set_index].spec.name,
+                    prompt_index=prompt_index,
+                    sample_index=j % self.n,
+                    token_ids=tuple(comp.token_ids),
+                    text=texts[j],
+                    answer=extracted[j],
+                    correct=bool(scores.rewards[j] >= 1.0),
+                    mean_logp=float(np.mean(comp.logprobs)) if comp.logprobs else 0.0,
+                )
+            )
+        return samples
+
+    def metrics(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+        """`{benchmark: {metric: value}}`, plus `all` pooling every set when there are
+        several."""
+        out = {
+            s.spec.name: benchmark_metrics(
+                [x for x in samples if x.benchmark == s.spec.name], self.n
+            )
+            for s in self.sets
+        }
+        if len(self.sets) > 1:
+            out["all"] = benchmark_metrics(samples, self.n)
+        return out
+
+
+def flat_eval_metrics(per_benchmark: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The `metrics.jsonl` keys of an evaluation: `eval_<metric>` over all prompts and,
+    with several sets, `eval/<benchmark>/<metric>` for each."""
+    pooled = per_benchmark.get("all") or next(iter(per_benchmark.values()))
+    out = {f"eval_{k}": v for k, v in pooled.items()}
+    if "all" in per_benchmark:
+        for name, metrics in per_benchmark.items():
+            if name != "all":
+                out |= {f"eval/{name}/{k}": v for k, v in metrics.items()}
+    return out
+
+
+def markdown_table(per_benchmark: dict[str, dict[str, float]]) -> str:
+    """One row per benchmark, one column per metric."""
+    keys = list(next(iter(per_benchmark.values())))
+    lines = ["| benchmark | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, m in per_benchmark.items():
+        cells = [f"{m[k]:.4g}" if isinstance(m[k], float) else str(m[k]) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -73,13 +73,15 @@ class RolloutCollector:
             progress=self.config.train.progress and len(prompts) * n >= 1024,
         )
 
+    def decode(self, token_ids) -> str:
+        """A response's text as the reward sees it (special tokens dropped)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def score(self, completions, answers: list[str], n: int) -> Scores:
         """Rewards of every completion (answer i for completions i*n ... i*n+n-1); with
         several processes each scores its share and the shares are gathered."""
         mine = distributed.share(len(completions))
-        texts = [
-            self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions[mine]
-        ]
+        texts = [self.decode(c.token_ids) for c in completions[mine]]
         result = self.reward_fn.score_batch(texts, [a for a in answers for _ in range(n)][mine])
         counts = result.counts()
         failures = np.asarray([counts[ERROR], counts[TIMEOUT]], np.int64)

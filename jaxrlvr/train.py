@@ -38,7 +38,7 @@ from jaxrlvr import config as config_lib
 from jaxrlvr import config_help, distributed, grpo, preflight
 from jaxrlvr.checkpointing import Checkpointer, CheckpointError
 from jaxrlvr.data import DataError, PromptDataset, load_prompts
-from jaxrlvr.evaluation import avg_and_pass_at_k
+from jaxrlvr.evaluation import EvalSet, EvalSpec, Evaluator, flat_eval_metrics, parse_eval_specs
 from jaxrlvr.learner import Learner
 from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
@@ -52,6 +52,7 @@ log = logging.getLogger("jaxrlvr.train")
 
 CONSOLE_KEYS = ("reward_mean", "accuracy", "entropy", "response_length_mean", "pg_clipfrac")
 EVAL_STREAM = 1_000_003  # seeds of eval sampling, apart from the rollouts' attempts
+PENDING_ROW = "pending_row"  # a checkpoint's metrics row still waiting for its evaluation
 
 
 class NonFiniteError(RuntimeError):
@@ -89,18 +90,21 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def read_prompts(config: ml_collections.ConfigDict, key: str, tokenizer):
-    """The prompts of `config.data.<key>`; unreadable or malformed files raise `ConfigError`
-    naming the key, the file and the line."""
+def read_prompts(
+    config: ml_collections.ConfigDict, key: str, tokenizer, spec: EvalSpec | None = None
+):
+    """The prompts of `config.data.<key>` (or of one eval set `spec`, with its own answer
+    field and template); unreadable or malformed files raise `ConfigError` naming the
+    key, the file and the line."""
     d = config.data
     try:
         return load_prompts(
-            config_lib.split_files(d[key]),
+            config_lib.split_files(d[key]) if spec is None else spec.path,
             tokenizer=tokenizer,
-            template=d.prompt_template,
+            template=d.prompt_template if spec is None else spec.template,
             max_prompt_len=d.max_prompt_len,
             prompt_field=d.prompt_field or None,
-            answer_field=d.answer_field,
+            answer_field=d.answer_field if spec is None else spec.answer_field,
         )
     except (DataError, OSError, ValueError) as e:
         raise config_lib.ConfigError(f"config.data.{key}: {e}") from None
@@ -191,9 +195,12 @@ class Trainer:
             process_index=0, process_count=1,
         )  # fmt: skip
         self.data_iter = self.dataset.iterator()
-        self.eval_prompts = None
+        eval_sets = []
         if c.data.eval_files and c.train.eval_every:
-            self.eval_prompts = read_prompts(c, "eval_files", self.tokenizer)
+            specs = parse_eval_specs(c.data.eval_files, c.data.answer_field, c.data.prompt_template)
+            eval_sets = [
+                EvalSet(s, read_prompts(c, "eval_files", self.tokenizer, s)) for s in specs
+            ]
         reward_kw = {}
         if c.reward.name == "math":
             reward_kw = {
@@ -224,10 +231,14 @@ class Trainer:
         self.rollouts = RolloutCollector(
             c, self.engine, self.tokenizer, reward_fn, stop_ids, pad_id
         )
+        self.evaluator = None
+        if eval_sets:
+            n, max_prompts = c.train.eval_n, c.train.eval_max_prompts
+            self.evaluator = Evaluator(eval_sets, self.rollouts, n, max_prompts)
         self.checkpointer = Checkpointer(
             os.path.join(os.path.abspath(self.workdir), "checkpoints"), c.train.max_checkpoints
         )
-        self.start_step = 0
+        self.start_step, self.pending_row = 0, None
         self._resume()
         self._check_processes_agree()
         if jax.process_index() == 0:
@@ -262,6 +273,7 @@ class Trainer:
             return
         step, state, data_state = found
         self.learner.set_state(state)
+        self.pending_row = data_state.pop(PENDING_ROW, None)
         self.data_iter.set_state(data_state)
         self.start_step = step
         log.info("resumed from %s at step %d", self.checkpointer.directory, step)
@@ -286,23 +298,14 @@ class Trainer:
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Avg@k and Pass@k of the current policy on the eval prompts."""
-        c, prompts = self.config, self.eval_prompts
-        k = c.train.eval_n
-        ids = [list(map(int, p)) for p in prompts.input_ids]
-        answers = list(prompts.answers)
-        if c.train.eval_max_prompts:
-            ids, answers = ids[: c.train.eval_max_prompts], answers[: c.train.eval_max_prompts]
+        """The eval metrics (`jaxrlvr.evaluation`) of the current policy on every eval set."""
         self.engine.update_params(self.state.params)
         t0 = time.perf_counter()
-        out = self.rollouts.generate(ids, k, seed=derive_seed(c.seed, step, EVAL_STREAM))
-        scores = self.rollouts.score([comp for g in out for comp in g], answers, k)
-        avg, pass_k = avg_and_pass_at_k(scores.rewards.reshape(len(ids), k) >= 1.0)
-        return {
-            f"eval_avg@{k}": avg,
-            f"eval_pass@{k}": pass_k,
-            "eval_reward_errors": scores.errors,
-            "eval_reward_timeouts": scores.timeouts,
+        samples = self.evaluator.sample(seed=derive_seed(self.config.seed, step, EVAL_STREAM))
+        errors, timeouts = self.evaluator.failures
+        return flat_eval_metrics(self.evaluator.metrics(samples)) | {
+            "eval_reward_errors": errors,
+            "eval_reward_timeouts": timeouts,
             "time_eval": time.perf_counter() - t0,
         }
 
@@ -327,9 +330,10 @@ class Trainer:
         data_state = self.data_iter.get_state()  # the data position after `step`
         try:
             with self.signals:
-                if self.start_step == 0 and self.eval_prompts is not None:
-                    with contextlib.suppress(_Abandon), self.signals.abandonable():
-                        self.metrics.write(0, self.evaluate(0))  # the base policy
+                if self.pending_row is not None:  # a step whose evaluation a signal cut short
+                    self._finish_row(step, self.pending_row, data_state)
+                elif self.start_step == 0 and self.evaluator is not None:
+                    self._finish_row(0, {}, data_state)  # the base policy
                 for step in range(self.start_step + 1, steps + 1):
                     self.checkpointer.check_for_errors()  # a failed save stops the run here
                     try:
@@ -338,7 +342,7 @@ class Trainer:
                         step -= 1  # the step is redone on resume
                         break
                     data_state = self.data_iter.get_state()
-                    self.metrics.write(step, metrics)
+                    self._finish_row(step, metrics, data_state)
                     bar.update(1)
                     bar.set_postfix(
                         reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
@@ -365,8 +369,24 @@ class Trainer:
             self.rollouts.reward_fn.close()
         self.export()
 
+    def _finish_row(self, step: int, metrics: dict[str, Any], data_state: dict) -> None:
+        """Evaluate where due, then write the step's row. A stop signal during the
+        evaluation saves the step with its row pending; the resumed run evaluates it (with
+        the same seeds) and writes the row then, so no metric is lost."""
+        c = self.config
+        due = step == 0 or step == c.train.steps or step % max(c.train.eval_every, 1) == 0
+        if self.evaluator is not None and due and c.train.eval_every:
+            try:
+                with self.signals.abandonable():
+                    metrics = metrics | self.evaluate(step)
+            except _Abandon:
+                log.warning("step %d: evaluation cut short; it runs again on resume", step)
+                self._save(step, data_state, pending_row=metrics)
+                raise self._preempted(step) from None
+        self.metrics.write(step, metrics)
+
     def _step(self, step: int) -> dict[str, Any]:
-        """One training step and its evaluation; counts skipped updates."""
+        """One training step; counts skipped updates and stops a run that keeps skipping."""
         c = self.config
         metrics = self.train_step(step)
         if metrics["skipped_updates"]:
@@ -390,26 +410,21 @@ class Trainer:
                 f"{'step ' + str(last) if last is not None else 'none'}. Lower config.optim.lr "
                 "or check the data, then rerun to resume."
             )
-        last = step == c.train.steps
-        if self.eval_prompts is not None and (step % c.train.eval_every == 0 or last):
-            try:  # the step itself is complete: a stop signal only drops its evaluation
-                with self.signals.abandonable():
-                    metrics.update(self.evaluate(step))
-            except _Abandon:
-                log.warning("step %d: evaluation abandoned", step)
         return metrics
 
-    def _save(self, step: int, data_state: dict[str, Any]) -> None:
+    def _save(self, step: int, data_state: dict[str, Any], pending_row: dict | None = None):
         """Checkpoint `step` (once), refusing a non-finite state."""
         if step == 0 or step in self.checkpointer.all_steps():
             return
         self._check_processes_agree()
         if not self.learner.params_finite():
             raise NonFiniteError(f"step {step}: the parameters are not finite; not saving them")
-        self.checkpointer.save(step, self.state, data_state)
+        extra = {PENDING_ROW: pending_row} if pending_row is not None else {}
+        self.checkpointer.save(step, self.state, data_state | extra)
 
     def _preempted(self, step: int) -> Preempted:
         signum = self.signals.received
+        self.checkpointer.wait()
         saved = self.checkpointer.latest_step()
         where = f"the checkpoint of step {saved} is saved" if saved else "no step was completed"
         return Preempted(

@@ -4,6 +4,8 @@ FAULT is one of:
 - `none`: the plain command line.
 - `slow_save`: every checkpoint save first creates `$FAULT_MARKER` and then sleeps 3 s,
   so a signal sent when the marker appears lands in the middle of a save.
+- `slow_eval`: the evaluation of step 2 first creates `$FAULT_MARKER` and sleeps 5 s, so
+  a signal sent when the marker appears lands in the middle of an evaluation.
 - `file_size_limit`: the kernel refuses writes that grow a file past 32 KiB (as a full
   disk refuses them); the demo's checkpoint files are larger, its metrics file smaller.
 """
@@ -31,6 +33,18 @@ def slow_save():
     Checkpointer.save = slow
 
 
+def slow_eval():
+    evaluate = train.Trainer.evaluate
+
+    def slow(self, step):
+        if step == 2:
+            open(os.environ["FAULT_MARKER"], "w").close()
+            time.sleep(5.0)
+        return evaluate(self, step)
+
+    train.Trainer.evaluate = slow
+
+
 def file_size_limit():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
@@ -38,6 +52,7 @@ def file_size_limit():
 
 if __name__ == "__main__":
     fault, argv = sys.argv[1], [sys.argv[0], *sys.argv[2:]]
-    {"none": lambda: None, "slow_save": slow_save, "file_size_limit": file_size_limit}[fault]()
+    faults = {"slow_save": slow_save, "slow_eval": slow_eval, "file_size_limit": file_size_limit}
+    faults.get(fault, lambda: None)()
     train.define_flags()
     app.run(train.main, argv=argv, flags_parser=train.parse_flags)

@@ -147,6 +147,18 @@ def test_sigterm_mid_save_finishes_the_save(policy, reference, tmp_path):
     resume_and_compare(policy, tmp_path / "run", reference)
 
 
+def test_sigterm_mid_evaluation_keeps_the_step_and_its_row(policy, reference, tmp_path):
+    marker = tmp_path / "evaluating"
+    proc = start("slow_eval", run_flags(policy, tmp_path / "run"), FAULT_MARKER=str(marker))
+    wait_for(marker.exists, proc)  # step 2 is trained; its evaluation sleeps
+    proc.send_signal(signal.SIGTERM)
+    code, log = finish(proc)
+    assert code == 128 + signal.SIGTERM, log[-3000:]
+    assert "the checkpoint of step 2 is saved" in log and "runs again on resume" in log
+    assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 1  # row 2 is pending
+    resume_and_compare(policy, tmp_path / "run", reference)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 

@@ -37,6 +37,10 @@ class DemoReward:
             [check_demo_response(r, a) for r, a in zip(responses, answers, strict=True)]
         )
 
+    def extract_answers(self, responses: Sequence[str]) -> list[str | None]:
+        """The final answer of each response as a string (None where there is none)."""
+        return [None if (a := extract_answer(r)) is None else str(a) for r in responses]
+
     def close(self) -> None:
         """Nothing to release."""
 

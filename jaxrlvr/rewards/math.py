@@ -186,6 +186,10 @@ class MathReward:
             )
         return result
 
+    def extract_answers(self, responses: Sequence[str]) -> list[str | None]:
+        """The final answer of each response (`extract_answer`; None where there is none)."""
+        return [extract_answer(r) for r in responses]
+
     def close(self) -> None:
         """Stop the worker processes."""
         self.pool.close()

@@ -1,0 +1,110 @@
+"""Evaluation metrics against brute-force and hand-computed references; eval set specs."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from jaxrlvr.config import ConfigError
+from jaxrlvr.evaluation import (
+    Sample,
+    benchmark_metrics,
+    distinct_n,
+    expected_calibration_error,
+    flat_eval_metrics,
+    majority_correct,
+    pairwise_dissimilarity,
+    parse_eval_spec,
+    parse_eval_specs,
+    pass_at_k,
+    pass_ks,
+)
+
+
+@pytest.mark.parametrize("n", [1, 4, 7])
+def test_pass_at_k_is_the_chance_a_random_k_subset_holds_a_correct_sample(n):
+    for c in range(n + 1):
+        correct = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(correct, k))
+            brute = np.mean([any(s) for s in subsets])
+            assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_ks():
+    assert pass_ks(1) == [1]
+    assert pass_ks(4) == [1, 2, 4]
+    assert pass_ks(16) == [1, 2, 4, 8, 16]
+    assert pass_ks(12) == [1, 2, 4, 8, 12]
+
+
+def test_majority_vote():
+    assert majority_correct(["5", " 5", "7"], [True, True, False])
+    assert not majority_correct(["7", "5", "7"], [False, True, False])
+    assert majority_correct(["5", "7"], [True, False])  # a tie: the first seen wins
+    assert not majority_correct([None, None], [False, False])
+    assert majority_correct([None, None, "3"], [False, False, True])  # None never votes
+
+
+def test_expected_calibration_error_by_hand():
+    conf = np.array([0.05, 0.15, 0.95, 0.95])
+    correct = np.array([0, 1, 1, 0])
+    # bins 0, 1 and 9: (1/4)|0.05-0| + (1/4)|0.15-1| + (2/4)|0.95-0.5|
+    expected = 0.25 * 0.05 + 0.25 * 0.85 + 0.5 * 0.45
+    assert expected_calibration_error(conf, correct) == pytest.approx(expected)
+    assert expected_calibration_error(np.array([1.0]), np.array([1])) == 0.0  # top bin
+
+
+def test_diversity_by_hand():
+    a, b = [1, 2, 3], [1, 2, 4]
+    assert distinct_n([a, b], 1) == pytest.approx(4 / 6)
+    assert distinct_n([a, b], 2) == pytest.approx(3 / 4)  # (1,2) twice, (2,3), (2,4)
+    # bigrams {12, 23} vs {12, 24}: Jaccard 1/3
+    assert pairwise_dissimilarity([a, b]) == pytest.approx(2 / 3)
+    assert pairwise_dissimilarity([a, a, a]) == 0.0
+    assert np.isnan(pairwise_dissimilarity([a]))
+
+
+def _samples(correct_per_prompt, answers=None):
+    out = []
+    for p, row in enumerate(correct_per_prompt):
+        for i, ok in enumerate(row):
+            answer = answers[p][i] if answers else ("1" if ok else "0")
+            out.append(Sample("b", p, i, (p, i, 7), "", answer, bool(ok), np.log(0.5)))
+    return out
+
+
+def test_benchmark_metrics():
+    m = benchmark_metrics(_samples([[1, 0, 0, 0], [1, 1, 1, 0]]), 4)
+    assert m["avg@4"] == pytest.approx(0.5)
+    assert m["pass@1"] == pytest.approx(0.5)
+    assert m["pass@2"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["pass@4"] == 1.0
+    assert m["maj@4"] == pytest.approx(0.5)  # prompt 0 votes "0", prompt 1 votes "1"
+    assert m["length"] == 3.0 and m["prompts"] == 2
+    assert m["ece"] == pytest.approx(0.0)  # confidence 0.5, accuracy 0.5, one bin
+    with pytest.raises(ValueError, match="exactly n=4"):
+        benchmark_metrics(_samples([[1, 0, 0]]), 4)
+
+
+def test_flat_eval_metrics_pool_and_name_each_set():
+    one = {"math": {"avg@4": 0.5}}
+    assert flat_eval_metrics(one) == {"eval_avg@4": 0.5}
+    two = {"a": {"avg@4": 0.5}, "b": {"avg@4": 0.25}, "all": {"avg@4": 0.4}}
+    assert flat_eval_metrics(two) == {
+        "eval_avg@4": 0.4, "eval/a/avg@4": 0.5, "eval/b/avg@4": 0.25,
+    }  # fmt: skip
+
+
+def test_eval_specs():
+    s = parse_eval_spec("aime=/d/aime.jsonl:solution:qwen_chat", "answer", "dapo")
+    assert (s.name, s.path, s.answer_field, s.template) == (
+        "aime", "/d/aime.jsonl", "solution", "qwen_chat",
+    )  # fmt: skip
+    s = parse_eval_spec("/d/math500.parquet", "answer", "dapo")
+    assert (s.name, s.answer_field, s.template) == ("math500", "answer", "dapo")
+    assert parse_eval_spec("x=/d/x.jsonl::raw", "answer", "dapo").template == "raw"
+    with pytest.raises(ConfigError, match="expected NAME=PATH"):
+        parse_eval_spec("x=/d/x.jsonl:a:b:c", "answer", "dapo")
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_eval_specs("/a/eval.jsonl,/b/eval.jsonl", "answer", "raw")
