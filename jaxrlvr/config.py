@@ -194,6 +194,20 @@ def parse_arg(arg: str | None, options: tuple[str, ...] = ()) -> tuple[str, list
     return preset, chosen
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of an experiment file `FILE[:ARG]` (its `get_config(ARG)`), as
+    `--config=FILE[:ARG]` loads it."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def workdir(config: ml_collections.ConfigDict) -> str:
     return config.workdir or f"runs/{config.name}-{config.preset}"
 
@@ -299,6 +313,9 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
         need(os.path.isdir(config.model.path), "model.path", "directory does not exist")
     for key in ("data.train_files", "data.eval_files") if files else ():
         for spec in split_files(_get(config, key)):
+            if key == "data.eval_files":  # NAME=PATH[:answer_field[:template]]
+                spec = spec.partition("=")[2] if "=" in spec else spec
+                spec = spec.split(":")[0]
             if not glob.glob(spec):
                 errors.append(f"config.{key}: {spec!r} matches no file")
             elif not spec.endswith((".jsonl", ".parquet")):
@@ -422,6 +439,7 @@ __all__ = [
     "base_config",
     "engine_shape",
     "inert_settings",
+    "load_config_file",
     "split_files",
     "updates_per_step",
     "validate",

@@ -9,13 +9,12 @@ with each field's value, its default and its help; `override_error` turns a fail
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
 import re
 
 import ml_collections
 
-from jaxrlvr.config import base_config
+from jaxrlvr.config import base_config, load_config_file
 from jaxrlvr.record import flatten
 
 HELP: dict[str, str] = {
@@ -126,8 +125,7 @@ def override_error(argv: list[str], error: Exception) -> str:
     for arg in argv[1:]:
         m = re.match(r"--config\.([\w.]+)", arg)
         if m and keys and m.group(1) not in keys:
-            close = difflib.get_close_matches(m.group(1), keys, n=3, cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
+            hint = closest_keys(m.group(1), keys)
             return f"{arg.split('=')[0]}: no such config key{hint} (see --show_config)"
     text = str(error).strip().strip("'\"").splitlines()
     return text[0] if text else type(error).__name__
@@ -137,12 +135,14 @@ def _config_keys(argv: list[str]) -> set[str]:
     """The field names of the config file named by `--config=FILE[:ARG]` (empty if it
     cannot be loaded)."""
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/grpo.py")
-    path, _, arg = spec.partition(":")
     try:
-        module_spec = importlib.util.spec_from_file_location("_config_file", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        config = module.get_config(arg) if arg else module.get_config()
+        config = load_config_file(spec)
     except Exception:  # noqa: BLE001 - the caller reports the original error instead
         return set()
     return set(flatten(json.loads(config.to_json())))
+
+
+def closest_keys(key: str, keys) -> str:
+    """`; closest: a, b` for an unknown `key` ("" when nothing is close)."""
+    close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.5)
+    return f"; closest: {', '.join(close)}" if close else ""

@@ -1,0 +1,222 @@
+"""Evaluate a policy: `python -m jaxrlvr.evaluate --checkpoint=DIR --eval=NAME=PATH ... --out=DIR`.
+
+The policy is a Hugging Face checkpoint directory (`--checkpoint`, e.g. a run's `hf/`),
+or a training workdir (`--workdir`) at its final export or at an Orbax checkpoint
+(`--step`). Each `--eval=NAME=PATH[:answer_field[:template]]` is one benchmark. The
+sampling and reward settings come from the run's recorded config when there is one
+(`workdir/config.json`, also found next to a workdir's `hf/`), else from `--preset`;
+flags override them. Writes `OUT/eval.json` (`{benchmark: {metric: value}}`),
+`OUT/samples.jsonl` (one line per sample) and `OUT/eval.md`; the metrics are those of
+`jaxrlvr.evaluation`, the same the trainer logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+from transformers import AutoTokenizer
+
+from jaxrlvr import config as config_lib
+from jaxrlvr import grpo, preflight
+from jaxrlvr.checkpointing import Checkpointer
+from jaxrlvr.evaluation import EvalSet, Evaluator, markdown_table, parse_eval_specs
+from jaxrlvr.models import load_hf_checkpoint
+from jaxrlvr.record import config_in_force
+from jaxrlvr.rewards import get_reward_fn
+from jaxrlvr.rollouts import RolloutCollector
+from jaxrlvr.sampling import Engine
+from jaxrlvr.sharding import make_mesh
+from jaxrlvr.train import read_prompts, stop_token_ids
+
+log = logging.getLogger("jaxrlvr.evaluate")
+
+# Flags that override a field of the run's config when given.
+OVERRIDES = {
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "top_k": "rollout.top_k",
+    "max_new_tokens": "rollout.max_new_tokens",
+    "max_slots": "rollout.max_slots",
+    "max_prompt_len": "data.max_prompt_len",
+    "reward": "reward.name",
+    "seed": "seed",
+}
+
+
+def resolve_config(
+    checkpoint: str | None, workdir: str | None, preset: str, overrides: dict
+) -> ml_collections.ConfigDict:
+    """The run's recorded config (workdir, or the parent of a workdir's `hf/`), or the
+    preset's, with `overrides` (dotted key -> value) applied and validated."""
+    recorded = None
+    for d in filter(None, (workdir, checkpoint and os.path.dirname(os.path.abspath(checkpoint)))):
+        if (recorded := config_in_force(d)) is not None:
+            break
+    config = config_lib.base_config(recorded["preset"] if recorded else preset)
+    if recorded:
+        config.update_from_flattened_dict(_flatten_known(recorded, config))
+    for key, value in overrides.items():
+        config.update_from_flattened_dict({key: value})
+    config.model.path = checkpoint or config.model.path
+    config_lib.validate(config, files=False)
+    return config
+
+
+def _flatten_known(recorded: dict, config: ml_collections.ConfigDict) -> dict:
+    from jaxrlvr.record import flatten
+
+    known = flatten(json.loads(config.to_json()))
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in flatten(recorded).items()
+        if k in known and v is not None
+    }
+
+
+def load_policy(config: ml_collections.ConfigDict, mesh, workdir: str | None, step: int | None):
+    """The policy model: `config.model.path`, or a workdir's Orbax checkpoint `step` (its
+    parameters restored onto the initial model)."""
+    model = load_hf_checkpoint(
+        config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh
+    )
+    if step is None:
+        return model
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, _ = grpo.make_optimizer(config.optim, config.train.steps, 1)
+    state, _ = _checkpoint_step(workdir, step).restore(step, grpo.init_state(params, tx, config))
+    return nnx.merge(graphdef, state.params)
+
+
+def _checkpoint_step(workdir: str, step: int) -> Checkpointer:
+    """The workdir's checkpoints, which must hold `step`."""
+    checkpoints = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    if step not in checkpoints.all_steps():
+        raise config_lib.ConfigError(
+            f"--step={step}: {checkpoints.directory} holds steps {checkpoints.all_steps()}"
+        )
+    return checkpoints
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    eval_specs: list[str],
+    n: int,
+    out: str,
+    *,
+    workdir: str | None = None,
+    step: int | None = None,
+    max_prompts: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Sample `n` responses per prompt of every eval set and write the results to `out`."""
+    specs = parse_eval_specs(
+        eval_specs or config.data.eval_files, config.data.answer_field, config.data.prompt_template
+    )
+    if not specs:
+        raise config_lib.ConfigError(
+            "no eval set: give --eval=NAME=PATH (or a run with eval_files)"
+        )
+    preflight.check_model_dir(config.model.path)
+    preflight.check_workdir(out)
+    if step is not None:
+        _checkpoint_step(workdir, step)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    sets = []
+    for s in specs:
+        try:
+            sets.append(EvalSet(s, read_prompts(config, "eval_files", tokenizer, s)))
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(
+                f"--eval={s.name}: {e.args[0].split(': ', 1)[1]}"
+            ) from None
+    mesh = make_mesh(tuple(config.mesh.shape))
+    model = load_policy(config, mesh, workdir, step)
+    stop_ids = stop_token_ids(tokenizer)
+    engine = Engine(
+        model, **config_lib.engine_shape(config), max_stop_tokens=max(8, len(stop_ids)), mesh=mesh
+    )
+    reward_kw = {"timeout_s": config.reward.timeout_s} if config.reward.name == "math" else {}
+    reward_fn = get_reward_fn(config.reward.name, **reward_kw)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rollouts = RolloutCollector(config, engine, tokenizer, reward_fn, stop_ids, pad_id)
+    try:
+        t0 = time.perf_counter()
+        evaluator = Evaluator(sets, rollouts, n, max_prompts)
+        samples = evaluator.sample(seed=config.seed)
+        results = evaluator.metrics(samples)
+        log.info("evaluated %d samples in %.1f s", len(samples), time.perf_counter() - t0)
+    finally:
+        reward_fn.close()
+    _write(os.path.join(out, "eval.json"), json.dumps(results, indent=2) + "\n")
+    _write(
+        os.path.join(out, "samples.jsonl"),
+        "".join(json.dumps(s.record()) + "\n" for s in samples),
+    )
+    _write(os.path.join(out, "eval.md"), markdown_table(results))
+    return results
+
+
+def _write(path: str, text: str) -> None:
+    """Whole or not at all: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory of the policy")
+    flags.DEFINE_string("workdir", None, "a training workdir (its hf/, or --step)")
+    flags.DEFINE_integer("step", None, "with --workdir: the Orbax checkpoint step to evaluate")
+    flags.DEFINE_multi_string("eval", [], "NAME=PATH[:answer_field[:template]], repeatable")
+    flags.DEFINE_integer("n", 16, "samples per prompt (Avg@n, Pass@k for k up to n, maj@n)")
+    flags.DEFINE_string("out", None, "output directory (eval.json, samples.jsonl, eval.md)")
+    flags.DEFINE_string("preset", "demo", "settings to start from when no run config is found")
+    flags.DEFINE_integer("max_prompts", 0, "first prompts of each set only; 0 = all")
+    flags.DEFINE_float("temperature", None, "sampling temperature (default: the run's)")
+    flags.DEFINE_float("top_p", None, "nucleus sampling (default: the run's)")
+    flags.DEFINE_integer("top_k", None, "top-k sampling, 0 = off (default: the run's)")
+    flags.DEFINE_integer("max_new_tokens", None, "response budget (default: the run's)")
+    flags.DEFINE_integer("max_slots", None, "concurrent sequences of the sampler")
+    flags.DEFINE_integer("max_prompt_len", None, "longer prompts are dropped")
+    flags.DEFINE_string("reward", None, "math | demo (default: the run's)")
+    flags.DEFINE_integer("seed", None, "sampling seed (default: the run's)")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("jaxrlvr").setLevel(logging.INFO)
+    f = flags.FLAGS
+    try:
+        if not (f.checkpoint or f.workdir) or not f.out:
+            raise config_lib.ConfigError("give --checkpoint=DIR (or --workdir=DIR) and --out=DIR")
+        if f.step is not None and not f.workdir:
+            raise config_lib.ConfigError("--step needs --workdir")
+        if f.n < 1:
+            raise config_lib.ConfigError(f"--n={f.n}: must be >= 1")
+        checkpoint = f.checkpoint
+        if f.workdir and not checkpoint and f.step is None:
+            checkpoint = os.path.join(f.workdir, "hf")
+        overrides = {key: f[name].value for name, key in OVERRIDES.items() if f[name].present}
+        config = resolve_config(checkpoint, f.workdir, f.preset, overrides)
+        results = evaluate(
+            config, f.eval, f.n, f.out, workdir=f.workdir, step=f.step, max_prompts=f.max_prompts
+        )
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown_table(results), end="")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,197 @@
+"""The study workflow: sweeps, the entropy-performance law, reports; end to end on a tiny
+policy (a two-point, three-step sweep, an evaluation and a report of its output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_policy import write_tiny_policy
+
+from jaxrlvr import entropy_law, report, sweep
+from jaxrlvr.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- the law
+
+
+def synthetic_run(workdir: Path, a: float, b: float, steps: int = 100, h0: float = 1.2,
+                  h1: float = 0.1, noise: float = 0.0, seed: int = 0) -> None:  # fmt: skip
+    """metrics.jsonl of a run whose eval score follows the law exactly (plus noise)."""
+    rng = np.random.default_rng(seed)
+    entropy = {s: h1 + (h0 - h1) * np.exp(-s / 30) for s in range(1, steps + 2)}
+    rows = [{"step": 0, "eval_avg@4": None}]
+    for s in range(1, steps + 1):
+        row = {
+            "step": s,
+            "entropy": entropy[s],
+            "reward_mean": 0.5,
+            "response_length_mean": 9,
+            **{f"cov_top_{f}": 1.0 / (i + 1) for i, f in enumerate(report.COV_FRACTIONS)},
+        }
+        rows.append(row)  # fmt: skip
+    for row in rows:
+        s = row["step"]
+        if s % 5 == 0:  # the policy after s steps: the entropy of row s + 1
+            h = entropy[s + 1] if s < steps else entropy[s]
+            row["eval_avg@4"] = -a * np.exp(h) + b + noise * rng.standard_normal()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_law_fit_recovers_a_and_b_and_predicts_the_final_score(tmp_path):
+    synthetic_run(tmp_path / "run", a=0.3, b=0.9, noise=1e-4)
+    steps, h, r = entropy_law.pairs(json_rows(tmp_path / "run"), "eval_avg@4")
+    fit = entropy_law.fit_law(h, r)
+    assert fit.a == pytest.approx(0.3, rel=0.01) and fit.b == pytest.approx(0.9, rel=0.01)
+    assert fit.rmse < 5e-4 and fit.n == 21
+    early = entropy_law.early_prediction(steps, h, r)
+    assert early["early_pairs"] == 4  # steps 0, 5, 10, 15 of 100
+    assert early["predicted_final"] == pytest.approx(early["actual_final"], rel=0.02)
+
+
+def test_law_fit_refuses_what_it_cannot_fit():
+    with pytest.raises(entropy_law.LawFitError, match=r"range 0.5 .. 0.5 nats over 4 pairs"):
+        entropy_law.fit_law([0.5] * 4, [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(entropy_law.LawFitError, match="2 .* pairs; the fit needs at least 3"):
+        entropy_law.fit_law([0.5, 0.4], [0.1, 0.2])
+
+
+def json_rows(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_report_of_synthetic_runs(tmp_path):
+    synthetic_run(tmp_path / "runs" / "one", a=0.3, b=0.9)
+    synthetic_run(tmp_path / "runs" / "two", a=0.3, b=0.9, h0=1.5, h1=0.3)
+    (tmp_path / "runs" / "empty").mkdir()
+    no_eval = tmp_path / "no-eval"
+    synthetic_run(no_eval, a=0.3, b=0.9)
+    rows = [{k: v for k, v in r.items() if k != "eval_avg@4"} for r in json_rows(no_eval)]
+    (no_eval / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report"
+    fits, notes = report.report(
+        [str(tmp_path / "runs"), str(no_eval), str(tmp_path / "x")], str(out)
+    )
+    assert fits["one"]["a"] == pytest.approx(0.3, rel=0.01)
+    assert fits["all runs"]["b"] == pytest.approx(0.9, rel=0.01)  # one law across both runs
+    assert fits["one"]["predicted_final"] == pytest.approx(fits["one"]["actual_final"], rel=0.02)
+    assert "error" in fits["no-eval"]
+    assert any("x: not a directory" in n for n in notes)
+    assert any("no-eval: no rows with 'eval_avg@4'" in n for n in notes)
+    for name in ("entropy", "reward", "score", "length", "covariance", "law"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    assert json.loads((out / "fit.json").read_text())["one"]["b"] == pytest.approx(0.9, rel=0.01)
+    index = (out / "index.md").read_text()
+    assert "![law](law.png)" in index and "| one | 100 |" in index
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]  # no leftovers
+    with pytest.raises(report.ReportError, match="no run to report"):
+        report.report([str(tmp_path / "runs" / "empty")], str(tmp_path / "r2"))
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+def test_points_grids_and_names():
+    points = sweep.product(sweep.axis("algo.eps_high", [0.2, 0.28]), sweep.seeds(2))
+    assert points == [
+        {"algo.eps_high": 0.2, "seed": 0}, {"algo.eps_high": 0.2, "seed": 1},
+        {"algo.eps_high": 0.28, "seed": 0}, {"algo.eps_high": 0.28, "seed": 1},
+    ]  # fmt: skip
+    z = sweep.zipped(sweep.axis("a", [1, 2]), sweep.axis("b", [3, 4]))
+    assert z == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+    with pytest.raises(ValueError, match="differ in length"):
+        sweep.zipped(sweep.axis("a", [1]), sweep.axis("b", [3, 4]))
+    assert sweep.grid_points(["algo.eps_high=0.2,0.28", "seed=0,1"]) == [
+        {k: str(v) for k, v in p.items()} for p in points
+    ]
+    assert sweep.point_name({"config": "configs/pos_adv.py:stage", "seed": 1}) == (
+        "pos_adv-stage,seed=1"
+    )
+    assert sweep.point_name({"mesh.shape": (1, -1, 1)}) == "shape=_1,-1,1_"  # shell-safe
+
+
+def test_every_point_is_checked_before_any_run(tmp_path):
+    points = [{"algo.eps_high": "0.28"}, {"algo.eps_hihg": "0.3"}]
+    with pytest.raises(
+        ConfigError, match=r"point 1 \(eps_hihg=0.3\): no config key .*closest: algo.eps_high"
+    ):
+        sweep.resolve(points, "configs/grpo.py", {}, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"point 0 \(n=many\): config.rollout.n='many'"):
+        sweep.resolve([{"rollout.n": "many"}], "configs/grpo.py", {}, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"point 0 \(eps_low=2.0\): invalid config"):
+        sweep.resolve([{"algo.eps_low": 2.0}], "configs/grpo.py", {}, str(tmp_path))
+    assert not list(tmp_path.iterdir())  # nothing was started or written
+    (run,) = sweep.resolve(
+        [{"algo.dynamic_sampling": "true"}], "configs/grpo.py", {}, str(tmp_path)
+    )
+    assert run.config.algo.dynamic_sampling is True
+    assert run.command[-1] == "--config.algo.dynamic_sampling=true"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "sweeps").glob("*.py")))
+def test_sweep_files_resolve(name, tmp_path):
+    runs = sweep.resolve(
+        sweep.load_sweep(str(REPO / "sweeps" / f"{name}.py")), "configs/grpo.py", {}, str(tmp_path)
+    )
+    assert len(runs) >= 3 and len({r.name for r in runs}) == len(runs)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_sweep_evaluate_report_end_to_end(tmp_path):
+    policy = write_tiny_policy(tmp_path / "policy")
+    root = tmp_path / "sweep"
+    common = {
+        "model.path": policy, "data.train_files": policy / "train.jsonl",
+        "data.eval_files": f"arith={policy / 'eval.jsonl'}", "rollout.n": 4,
+        "rollout.max_new_tokens": 16, "rollout.max_slots": 16, "train.steps": 3,
+        "train.prompts_per_step": 4, "train.mini_batch_prompts": 2,
+        "train.micro_batch_sequences": 4, "train.eval_every": 1, "train.eval_n": 2,
+        "train.eval_max_prompts": 4, "optim.warmup_steps": 0, "algo.entropy_coef": 0.05,
+    }  # fmt: skip
+    args = ["jaxrlvr.sweep", f"--root={root}", "--grid=algo.eps_high=0.2,0.28", "--parallel=2"]
+    args += [f"--set={k}={v}" for k, v in common.items()]
+    out = cli(*args)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "sweep: 2/2 done, 0 running, 0 failed" in out.stderr
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert names == ["eps_high=0.2", "eps_high=0.28"]
+    summary = (root / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("point,status,steps,algo.eps_high,") and len(summary) == 3
+    assert "eval_avg@2_final" in summary[0] and ",done,3," in summary[1]
+    assert "| eps_high=0.28 | 1 |" in (root / "summary.md").read_text()
+    again = cli(*args)  # finished points are skipped
+    assert again.returncode == 0 and "2 to run" not in again.stderr and "0 to run" in again.stderr
+
+    point = root / "eps_high=0.28"
+    out = cli("jaxrlvr.evaluate", f"--checkpoint={point / 'hf'}", "--n=4", "--max_prompts=4",
+              f"--eval=arith={policy / 'eval.jsonl'}", f"--out={tmp_path / 'eval'}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(results["arith"]) >= {"avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "ece"}
+    lines = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and json.loads(lines[0])["benchmark"] == "arith"
+
+    out = cli("jaxrlvr.report", str(root), f"--out={tmp_path / 'report'}", "--score=eval_avg@2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    fits = json.loads((tmp_path / "report" / "fit.json").read_text())
+    assert set(fits) == {"eps_high=0.2", "eps_high=0.28", "all runs"}
+    assert (tmp_path / "report" / "law.png").exists()
