@@ -1,8 +1,8 @@
 """On the embedded demo, interventions move entropy the way the papers report.
 
 Short runs of the real method configs on the real demo base policy (built once and cached
-under `$JAXRLVR_CACHE`, about 40 s on 2 cores): the orderings that `benchmarks/methods.py`
-reproduces over 100 steps and three seeds (docs/methods.md) already show after
+under `$JAXRLVR_CACHE`, about 40 s on 2 cores): the orderings that the `sweeps/methods.py`
+sweep reproduces over 100 steps and three seeds (docs/methods.md) already show after
 `STEPS` steps. Each run is deterministic for its seed, so a failure means the method
 changed, not bad luck.
 """
