@@ -28,7 +28,7 @@ HELP: dict[str, str] = {
     "model.remat": "activation checkpointing per layer: none | full | dots",
     "model.logp_chunk": "sequence chunk of the log-prob/entropy computation ([chunk, V] logits)",
     "data.train_files": "comma-separated .jsonl/.parquet paths or globs",
-    "data.eval_files": "comma-separated eval files; None = no evaluation",
+    "data.eval_files": "comma-separated eval sets NAME=PATH[:answer_field[:template]]",
     "data.prompt_field": "dotted path of the prompt; '' = prompt, else problem",
     "data.answer_field": "dotted path of the ground-truth answer",
     "data.prompt_template": "qwen_chat | dapo | raw",

@@ -305,8 +305,15 @@ class Scheduler:
     def progress(self, elapsed: float) -> str:
         count = {s: sum(r.status == s for r in self.runs) for s in ("done", "running", "failed")}
         timed = [r.seconds for r in self.runs if r.status == "done" and r.seconds]
-        left = sum(r.status in ("pending", "running") for r in self.runs)
-        eta = f", ETA {_duration(np.mean(timed) * left / self.parallel)}" if timed and left else ""
+        eta = ""
+        if timed:  # pending points take the mean; running ones what they have left of it
+            mean, now = float(np.mean(timed)), time.monotonic()
+            left = sum(
+                mean if r.status == "pending" else max(mean - (now - r.started), 0.0)
+                for r in self.runs
+                if r.status in ("pending", "running")
+            )
+            eta = f", ETA {_duration(left / self.parallel)}" if left else ""
         return (
             f"sweep: {count['done']}/{len(self.runs)} done, {count['running']} running, "
             f"{count['failed']} failed, {_duration(elapsed)} elapsed{eta}"

@@ -172,6 +172,10 @@ def test_damaged_newest_checkpoint_is_set_aside(policy, reference, tmp_path):
     for f in (workdir / "checkpoints" / str(STEPS) / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0" * 16)  # the array data is garbage now
+    # A save that a `kill -9` cut short leaves Orbax's temporary directory: never restored.
+    half = workdir / "checkpoints" / f"{STEPS + 4}.orbax-checkpoint-tmp"
+    shutil.copytree(workdir / "checkpoints" / str(STEPS - 1), half)
+    (half / "commit_success.txt").unlink(missing_ok=True)
     first_config = (workdir / "config.json").read_text()
     # The rerun also changes a setting: the record must keep both.
     log = resume_and_compare(policy, workdir, reference, "--config.train.log_every=2")
@@ -263,12 +267,7 @@ def tiny_config(policy, workdir, **overrides):
     c = config_lib.base_config("demo")
     c.workdir, c.model.path = str(workdir), str(policy)
     c.data.train_files, c.data.eval_files = str(policy / "train.jsonl"), ""
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

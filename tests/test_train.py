@@ -44,12 +44,7 @@ def tiny_config(policy, workdir, **overrides):
     c.train.eval_max_prompts = 4
     c.train.checkpoint_every = 2
     c.train.progress = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
