@@ -113,7 +113,12 @@ def read_prompts(
 class StopSignals:
     """SIGTERM / SIGINT handling: the first signal asks the run to stop after the current
     step (at once while only rollouts or evaluation are under way, which are redone on
-    resume); a second one stops at once, without a checkpoint."""
+    resume); a second one stops at once, without a checkpoint.
+
+    With several processes nothing is cut short (the processes would leave their
+    collectives at different points): every process finishes the step, and at each step's
+    end they agree whether any of them was signalled (`should_stop`), so all stop at the
+    same step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -141,12 +146,20 @@ class StopSignals:
         if self._abandonable:
             raise _Abandon
 
+    def should_stop(self) -> bool:
+        """Whether this process (or, with several, any process) was signalled."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        every = distributed.allgather_flags(self.received or 0)
+        self.received = self.received or next((int(f) for f in every if f), None)
+        return self.received is not None
+
     @contextlib.contextmanager
     def abandonable(self):
         """A stretch of work a stop signal may cut short (nothing in it is kept)."""
-        self._abandonable = True
+        self._abandonable = jax.process_count() == 1
         try:
-            if self.received is not None:
+            if self.received is not None and self._abandonable:
                 raise _Abandon
             yield
         finally:
@@ -354,9 +367,9 @@ class Trainer:
                     every = c.train.checkpoint_every
                     if step == steps or (every and step % every == 0):
                         self._save(step, data_state)
-                    if self.signals.received is not None:
+                    if self.signals.should_stop():
                         break
-                if self.signals.received is not None:
+                if self.signals.should_stop():
                     self._save(step, data_state)
                     self.checkpointer.wait()
                     raise self._preempted(step)
