@@ -394,6 +394,35 @@ def test_checker_workers_die_with_a_killed_trainer(tmp_path):
     assert not alive, f"orphaned checker processes {alive}"
 
 
+def test_kill_9_of_a_trainer_leaves_no_checker_running(policy, tmp_path):
+    flags = run_flags(policy, tmp_path, **{"reward.name": "math", "reward.num_workers": 2})
+    proc = start("none", flags)
+    wait_for(rows_done(tmp_path, 1), proc)  # the math checkers have scored a batch
+
+    def checkers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == proc.pid and b"jaxrlvr.rewards.pool" in cmd:
+                found.append(int(entry))
+        return found
+
+    workers = checkers()
+    assert len(workers) == 2, workers
+    proc.kill()  # kill -9 of the trainer itself
+    proc.wait()
+    deadline = time.monotonic() + 5.0
+    while (alive := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"orphaned checker processes {alive}"
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
