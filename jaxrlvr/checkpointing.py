@@ -16,6 +16,7 @@ What the trainer relies on:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -55,27 +56,28 @@ class Checkpointer:
         """Save asynchronously; a checkpoint only becomes visible once complete. The
         previous save must have succeeded (else `CheckpointError` names its step)."""
         self.wait()
-        try:
+        with self._failure_of(step):
             self._mngr.save(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
                 ),
             )
-        except Exception as e:
-            raise CheckpointError(
-                f"saving the checkpoint of step {step} failed: {_cause(e)}"
-            ) from e
         self._last_saved = step
 
     def check_for_errors(self) -> None:
         """Raise `CheckpointError` if a background save has failed."""
-        try:
+        with self._failure_of(self._last_saved):
             self._mngr.check_for_errors()
+
+    @contextlib.contextmanager
+    def _failure_of(self, step: int | None):
+        """Any error inside becomes a `CheckpointError` naming the save of `step`."""
+        try:
+            yield
         except Exception as e:
             raise CheckpointError(
-                f"saving the checkpoint of step {self._last_saved} in {self.directory} failed: "
-                f"{_cause(e)}"
+                f"saving the checkpoint of step {step} in {self.directory} failed: {_cause(e)}"
             ) from e
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
@@ -120,16 +122,9 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every save is durable; raise `CheckpointError` if one failed."""
-        try:
+        with self._failure_of(self._last_saved):
             self._mngr.wait_until_finished()
-        except Exception as e:
-            raise CheckpointError(
-                f"saving the checkpoint of step {self._last_saved} failed: {_cause(e)}"
-            ) from e
         self.check_for_errors()
-
-    def close(self) -> None:
-        self._mngr.close()
 
 
 def _cause(e: BaseException) -> str:

@@ -194,17 +194,23 @@ def parse_arg(arg: str | None, options: tuple[str, ...] = ()) -> tuple[str, list
     return preset, chosen
 
 
+def load_python_file(path: str, what: str = "config file"):
+    """The module of a Python file given by path (a config or sweep file)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_file_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """The config of an experiment file `FILE[:ARG]` (its `get_config(ARG)`), as
     `--config=FILE[:ARG]` loads it."""
-    import importlib.util
-
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_python_file(path)
     return module.get_config(arg) if arg else module.get_config()
 
 
@@ -440,6 +446,7 @@ __all__ = [
     "engine_shape",
     "inert_settings",
     "load_config_file",
+    "load_python_file",
     "split_files",
     "updates_per_step",
     "validate",

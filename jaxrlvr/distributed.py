@@ -107,13 +107,6 @@ def to_host(x: Any) -> Any:
     return jax.tree.map(one, x)
 
 
-def allgather_flags(flag: int) -> np.ndarray:
-    """Every process's integer `flag` ([process_count] int32), in process order."""
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
-
-
 def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array from the same host array on every process: each device gets its
     slice, whichever process it belongs to."""

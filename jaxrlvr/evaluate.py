@@ -29,12 +29,11 @@ from jaxrlvr import grpo, preflight
 from jaxrlvr.checkpointing import Checkpointer
 from jaxrlvr.evaluation import EvalSet, Evaluator, markdown_table, parse_eval_specs
 from jaxrlvr.models import load_hf_checkpoint
-from jaxrlvr.record import config_in_force
-from jaxrlvr.rewards import get_reward_fn
-from jaxrlvr.rollouts import RolloutCollector
+from jaxrlvr.record import config_in_force, flatten, write_atomic
+from jaxrlvr.rollouts import RolloutCollector, make_reward, pad_token_id, stop_token_ids
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
-from jaxrlvr.train import read_prompts, stop_token_ids
+from jaxrlvr.train import read_prompts
 
 log = logging.getLogger("jaxrlvr.evaluate")
 
@@ -71,8 +70,6 @@ def resolve_config(
 
 
 def _flatten_known(recorded: dict, config: ml_collections.ConfigDict) -> dict:
-    from jaxrlvr.record import flatten
-
     known = flatten(json.loads(config.to_json()))
     return {
         k: tuple(v) if isinstance(v, list) else v
@@ -142,33 +139,25 @@ def evaluate(
     engine = Engine(
         model, **config_lib.engine_shape(config), max_stop_tokens=max(8, len(stop_ids)), mesh=mesh
     )
-    reward_kw = {"timeout_s": config.reward.timeout_s} if config.reward.name == "math" else {}
-    reward_fn = get_reward_fn(config.reward.name, **reward_kw)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rollouts = RolloutCollector(config, engine, tokenizer, reward_fn, stop_ids, pad_id)
+    reward_fn = make_reward(config)
+    rollouts = RolloutCollector(
+        config, engine, tokenizer, reward_fn, stop_ids, pad_token_id(tokenizer)
+    )
     try:
         t0 = time.perf_counter()
         evaluator = Evaluator(sets, rollouts, n, max_prompts)
-        samples = evaluator.sample(seed=config.seed)
+        samples, _ = evaluator.sample(seed=config.seed)
         results = evaluator.metrics(samples)
         log.info("evaluated %d samples in %.1f s", len(samples), time.perf_counter() - t0)
     finally:
         reward_fn.close()
-    _write(os.path.join(out, "eval.json"), json.dumps(results, indent=2) + "\n")
-    _write(
+    write_atomic(os.path.join(out, "eval.json"), json.dumps(results, indent=2) + "\n")
+    write_atomic(
         os.path.join(out, "samples.jsonl"),
         "".join(json.dumps(s.record()) + "\n" for s in samples),
     )
-    _write(os.path.join(out, "eval.md"), markdown_table(results))
+    write_atomic(os.path.join(out, "eval.md"), markdown_table(results))
     return results
-
-
-def _write(path: str, text: str) -> None:
-    """Whole or not at all: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def define_flags() -> None:

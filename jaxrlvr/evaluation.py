@@ -221,8 +221,9 @@ class Evaluator:
     def __init__(self, sets: Sequence[EvalSet], rollouts, n: int, max_prompts: int = 0):
         self.sets, self.rollouts, self.n, self.max_prompts = list(sets), rollouts, n, max_prompts
 
-    def sample(self, seed: int) -> list[Sample]:
-        """Scored samples of every set (all sets in one generation call)."""
+    def sample(self, seed: int) -> tuple[list[Sample], tuple[int, int]]:
+        """Scored samples of every set (all sets in one generation call), and the counts
+        of checker errors and time-outs."""
         ids, answers, owners = [], [], []
         for set_index, s in enumerate(self.sets):
             count = (
@@ -237,7 +238,6 @@ class Evaluator:
         scores = self.rollouts.score(flat, answers, self.n)
         texts = [self.rollouts.decode(c.token_ids) for c in flat]
         extracted = self.rollouts.reward_fn.extract_answers(texts)
-        self.failures = (scores.errors, scores.timeouts)
         samples = []
         for j, comp in enumerate(flat):
             set_index, prompt_index = owners[j // self.n]
@@ -253,7 +253,7 @@ class Evaluator:
                     mean_logp=float(np.mean(comp.logprobs)) if comp.logprobs else 0.0,
                 )
             )
-        return samples
+        return samples, (scores.errors, scores.timeouts)
 
     def metrics(self, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
         """`{benchmark: {metric: value}}`, plus `all` pooling every set when there are

@@ -55,9 +55,9 @@ class Learner:
         self.settings = grpo.LossSettings.from_config(c, num_epochs=num_epochs, batch_shards=shards)
         num_sequences = c.train.prompts_per_step * c.rollout.n
         self.row_order = grpo.device_order(num_sequences, c.train.micro_batch_sequences, shards)
-        self.abstract_state = programs.abstract_train_state(params, self.tx, c)
+        abstract_state = programs.abstract_train_state(params, self.tx, c)
         self.programs = programs.build(
-            graphdef, self.tx, self.settings, mesh, self.abstract_state, num_sequences
+            graphdef, self.tx, self.settings, mesh, abstract_state, num_sequences
         )
         init = jax.jit(
             lambda p: grpo.init_state(p, self.tx, c), out_shardings=self.programs.state_shardings
@@ -65,13 +65,11 @@ class Learner:
         self.state: grpo.TrainState = init(params)
         self._all_finite = jax.jit(grpo.all_finite)
 
-    def state_bytes(self) -> int:
-        """Bytes of the whole train state (what one checkpoint holds)."""
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
-
-    def params_finite(self) -> bool:
-        """Whether every parameter is finite (checked before a checkpoint or an export)."""
-        return bool(distributed.to_host(self._all_finite(self.state.params)))
+    def params_finite(self, params=None) -> bool:
+        """Whether every parameter of `params` (default: the state's) is finite; checked
+        before a checkpoint or an export, and of a restored checkpoint."""
+        params = self.state.params if params is None else params
+        return bool(distributed.to_host(self._all_finite(params)))
 
     def set_state(self, state: grpo.TrainState) -> None:
         self.state = jax.device_put(state, self.programs.state_shardings)

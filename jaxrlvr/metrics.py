@@ -9,6 +9,8 @@ import os
 import time
 from typing import Any
 
+from jaxrlvr.record import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -29,17 +31,16 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = [
-                    line
-                    for line in f
-                    if line.strip() and resume_step > 0 and json.loads(line)["step"] <= resume_step
-                ]
+            rows = []
+            if resume_step > 0:
+                with open(self.path) as f:
+                    rows = [
+                        line
+                        for line in f
+                        if line.strip() and json.loads(line)["step"] <= resume_step
+                    ]
             self.last_row = json.loads(rows[-1]) if rows else {}
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(rows)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(rows))
         try:
             from tensorboardX import SummaryWriter
 

@@ -54,7 +54,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, start_step
     current = json.loads(config.to_json())
     before = config_in_force(workdir) if start_step > 0 else None
     if before is None:  # a fresh start: this config is the run's first
-        _write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(current, indent=2))
+        write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(current, indent=2))
         if os.path.exists(history := os.path.join(workdir, HISTORY_FILE)):
             os.remove(history)
         return
@@ -73,7 +73,8 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, start_step
         f.write(json.dumps(entry | {"config": current}) + "\n")
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a reader never sees half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

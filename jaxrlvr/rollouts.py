@@ -17,8 +17,38 @@ import ml_collections
 import numpy as np
 
 from jaxrlvr import distributed, grpo, losses
-from jaxrlvr.rewards import ERROR, TIMEOUT, RewardFn
+from jaxrlvr.rewards import ERROR, TIMEOUT, RewardFn, get_reward_fn
 from jaxrlvr.sampling import Engine, SamplingParams, generate
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """EOS plus the chat end-of-turn token where the vocabulary has one."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return tuple(sorted(ids))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads rollout rows: the tokenizer's pad token, else EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
+def make_reward(config: ml_collections.ConfigDict) -> RewardFn:
+    """The verifiable reward of `config.reward` (the math checker with its limits)."""
+    r = config.reward
+    if r.name != "math":
+        return get_reward_fn(r.name)
+    return get_reward_fn(
+        "math",
+        timeout_s=r.timeout_s,
+        num_workers=r.num_workers or None,
+        batch_timeout_s=r.batch_timeout_s or None,
+    )
 
 
 def derive_seed(*parts: int) -> int:

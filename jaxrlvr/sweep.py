@@ -43,7 +43,7 @@ from absl import app, flags
 
 from jaxrlvr import config as config_lib
 from jaxrlvr.config_help import closest_keys
-from jaxrlvr.record import flatten
+from jaxrlvr.record import flatten, write_atomic
 
 log = logging.getLogger("jaxrlvr.sweep")
 
@@ -97,15 +97,8 @@ def sweep_arg(arg: str | None) -> tuple[str, dict[str, str]]:
 
 def load_sweep(spec: str) -> list[Point]:
     """The points of a sweep file `FILE[:ARG]` (its `get_sweep(ARG)`)."""
-    import importlib.util
-
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise config_lib.ConfigError(f"--sweep: {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location("_sweep_file", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    points = module.get_sweep(arg or None)
+    points = config_lib.load_python_file(path, "--sweep: sweep file").get_sweep(arg or None)
     if not points or not all(isinstance(p, dict) for p in points):
         raise config_lib.ConfigError(f"--sweep={spec}: get_sweep must return a list of dicts")
     return [dict(p) for p in points]
@@ -390,10 +383,7 @@ def summarize(runs: Sequence[Run], root: str, window: int) -> tuple[str, str]:
         lines.append(f"| {key} | {len(members)} | " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
     for name, text in (("summary.csv", buffer.getvalue()), ("summary.md", markdown)):
-        tmp = os.path.join(root, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(root, name))
+        write_atomic(os.path.join(root, name), text)
     return buffer.getvalue(), markdown
 
 
@@ -407,6 +397,20 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 # ---------------------------------------------------------------------------- command line
+
+
+def build_runs(
+    config: str, root: str, sweep_file: str | None, grids: Sequence[str], sets: Sequence[str]
+) -> list[Run]:
+    """The resolved runs of a sweep file and/or grids, with `--set` values for every point."""
+    points = product(load_sweep(sweep_file) if sweep_file else [{}], grid_points(grids))
+    common = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise config_lib.ConfigError(f"--set={item!r}: expected KEY=VALUE")
+        common[key.strip()] = value.strip()
+    return resolve(points, config, common, root)
 
 
 def sweep(
@@ -423,14 +427,7 @@ def sweep(
     window: int = 10,
 ) -> list[Run]:
     """Resolve, run and summarise a sweep (see module docstring); returns its runs."""
-    points = product(load_sweep(sweep_file) if sweep_file else [{}], grid_points(grids))
-    common = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise config_lib.ConfigError(f"--set={item!r}: expected KEY=VALUE")
-        common[key.strip()] = value.strip()
-    runs = resolve(points, config, common, root)
+    runs = build_runs(config, root, sweep_file, grids, sets)
     for run in runs:
         if finished(run):
             run.status = "done"
@@ -482,10 +479,7 @@ def main(argv: list[str]) -> None:
             raise config_lib.ConfigError("give --sweep=FILE or at least one --grid=KEY=V1,V2")
         kw = dict(sweep_file=f.sweep, grids=f.grid, sets=f.set, window=f.window)
         if f.summarize:
-            runs = resolve(
-                product(load_sweep(f.sweep) if f.sweep else [{}], grid_points(f.grid)),
-                f.config, dict(s.split("=", 1) for s in f.set), f.root,
-            )  # fmt: skip
+            runs = build_runs(f.config, f.root, f.sweep, f.grid, f.set)
             for run in runs:
                 run.status = "done" if finished(run) else "incomplete"
             print(summarize(runs, f.root, f.window)[1], end="")

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
@@ -43,8 +44,13 @@ from jaxrlvr.learner import Learner
 from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
 from jaxrlvr.record import record_config
-from jaxrlvr.rewards import get_reward_fn
-from jaxrlvr.rollouts import RolloutCollector, derive_seed
+from jaxrlvr.rollouts import (
+    RolloutCollector,
+    derive_seed,
+    make_reward,
+    pad_token_id,
+    stop_token_ids,
+)
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
 
@@ -78,16 +84,6 @@ def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.
         config.data.train_files = config.data.train_files or str(path / "train.jsonl")
         config.data.eval_files = config.data.eval_files or str(path / "eval.jsonl")
     return config
-
-
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-    """EOS plus the chat end-of-turn token where the vocabulary has one."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for tok in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return tuple(sorted(ids))
 
 
 def read_prompts(
@@ -150,7 +146,7 @@ class StopSignals:
         """Whether this process (or, with several, any process) was signalled."""
         if jax.process_count() == 1:
             return self.received is not None
-        every = distributed.allgather_flags(self.received or 0)
+        every = distributed.gather(np.asarray([self.received or 0]), jax.process_count())
         self.received = self.received or next((int(f) for f in every if f), None)
         return self.received is not None
 
@@ -192,9 +188,6 @@ class Trainer:
         preflight.check_disk_space(self.workdir, preflight.checkpoint_bytes(c))
 
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id or 0
         train_prompts = read_prompts(c, "train_files", self.tokenizer)
         if len(train_prompts) < c.train.prompts_per_step:
             raise config_lib.ConfigError(
@@ -214,14 +207,7 @@ class Trainer:
             eval_sets = [
                 EvalSet(s, read_prompts(c, "eval_files", self.tokenizer, s)) for s in specs
             ]
-        reward_kw = {}
-        if c.reward.name == "math":
-            reward_kw = {
-                "timeout_s": c.reward.timeout_s,
-                "num_workers": c.reward.num_workers or None,
-                "batch_timeout_s": c.reward.batch_timeout_s or None,
-            }
-        reward_fn = get_reward_fn(c.reward.name, **reward_kw)
+        reward_fn = make_reward(c)
 
         model = load_hf_checkpoint(
             c.model.path,
@@ -242,7 +228,7 @@ class Trainer:
             mesh=self.mesh,
         )
         self.rollouts = RolloutCollector(
-            c, self.engine, self.tokenizer, reward_fn, stop_ids, pad_id
+            c, self.engine, self.tokenizer, reward_fn, stop_ids, pad_token_id(self.tokenizer)
         )
         self.evaluator = None
         if eval_sets:
@@ -277,7 +263,7 @@ class Trainer:
         def problem(step: int, state: grpo.TrainState) -> str | None:
             if int(state.step) != step:
                 return f"it holds step {int(state.step)}"
-            if not distributed.to_host(grpo.all_finite(state.params)):
+            if not self.learner.params_finite(state.params):
                 return "its parameters are not finite"
             return None
 
@@ -314,8 +300,8 @@ class Trainer:
         """The eval metrics (`jaxrlvr.evaluation`) of the current policy on every eval set."""
         self.engine.update_params(self.state.params)
         t0 = time.perf_counter()
-        samples = self.evaluator.sample(seed=derive_seed(self.config.seed, step, EVAL_STREAM))
-        errors, timeouts = self.evaluator.failures
+        seed = derive_seed(self.config.seed, step, EVAL_STREAM)
+        samples, (errors, timeouts) = self.evaluator.sample(seed)
         return flat_eval_metrics(self.evaluator.metrics(samples)) | {
             "eval_reward_errors": errors,
             "eval_reward_timeouts": timeouts,
