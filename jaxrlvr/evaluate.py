@@ -81,9 +81,7 @@ def _flatten_known(recorded: dict, config: ml_collections.ConfigDict) -> dict:
 def load_policy(config: ml_collections.ConfigDict, mesh, workdir: str | None, step: int | None):
     """The policy model: `config.model.path`, or a workdir's Orbax checkpoint `step` (its
     parameters restored onto the initial model)."""
-    model = load_hf_checkpoint(
-        config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh
-    )
+    model = load_hf_checkpoint(config.model.path, mesh=mesh, **config_lib.model_numerics(config))
     if step is None:
         return model
     graphdef, params = nnx.split(model, nnx.Param)

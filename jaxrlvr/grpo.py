@@ -1,10 +1,10 @@
 """The GRPO update: rollout batches, the old-policy pass, and one jit-compiled optimizer update.
 
-A rollout batch holds N = prompts x n sequences laid out as `[prompt | response]`: prompts
-left-padded to P tokens, responses right-padded to R tokens, so the hidden state that
-predicts response token t always sits at column P - 1 + t. Log-probs and entropies are
-computed chunk by chunk over the response (`jaxrlvr.losses.token_logp_entropy`), never as
-full `[N, R, V]` float32 logits.
+A rollout batch holds N = prompts x n sequences. The model reads them packed several to a
+row (`jaxrlvr.packing`: segment ids, positions restarting per sequence); log-probs and
+entropies are computed over the packed rows chunk by chunk
+(`jaxrlvr.losses.token_logp_entropy`, never full `[rows, L, V]` float32 logits) and
+gathered back per sequence, `[N, R]`, where every loss and metric is computed.
 
 `update` is one optimizer update over one mini-batch, accumulated over micro-batches with
 `lax.scan`; aggregation denominators are taken over the whole mini-batch, so the result
@@ -12,8 +12,8 @@ does not depend on the micro-batch size.
 
 On a mesh the batch is split over its `batch_shards` = data x fsdp devices, and rows are
 laid out so that every mini-batch and micro-batch is a slice *within* each device's
-shard (`device_order`, `split_rows`): slicing never moves data, and every micro-batch
-keeps all devices busy.
+shard (`packing.device_order`, `packing.split_rows`): slicing never moves data, and every
+micro-batch keeps all devices busy.
 """
 
 from __future__ import annotations
@@ -29,15 +29,23 @@ import optax
 from flax import nnx, struct
 
 from jaxrlvr import losses
+from jaxrlvr.packing import device_order, gather_responses, merge_rows, split_rows
+
+__all__ = ["device_order", "merge_rows", "split_rows"]  # the row layout, re-exported
 
 Array = jax.Array
 
 
 class Batch(NamedTuple):
-    """One rollout batch (or a slice of it); every field has leading dimension N."""
+    """One rollout batch (or a slice of it), in device order (`jaxrlvr.packing.pack`).
 
-    input_ids: Array  # [N, P + R] int32
-    attention_mask: Array  # [N, P + R] int32
+    The token fields hold the sequences packed into rows of L tokens; the others have
+    leading dimension N (one row per sequence)."""
+
+    tokens: Array  # [rows, L] int32: sequences (prompt, response) back to back
+    segment_ids: Array  # [rows, L] int32: 1, 2, ... per sequence of a row; 0 = padding
+    positions: Array  # [rows, L] int32: position of each token within its sequence
+    gather: Array  # [N, R] int32: the packed state predicting response token t
     response_mask: Array  # [N, R] float32: 1 on generated tokens
     advantages: Array  # [N] float32
     old_logp: Array  # [N, R] float32
@@ -49,7 +57,6 @@ class Batch(NamedTuple):
 class LossSettings:
     """The static (hashable) settings of the loss, from `config.algo` and friends."""
 
-    prompt_len: int
     temperature: float
     eps_low: float
     eps_high: float
@@ -60,6 +67,7 @@ class LossSettings:
     entropy_coef: float
     logp_chunk: int
     micro_batch: int
+    logp_remat: bool = True  # recompute the LM head's chunks in the backward pass
     intervention: str = "none"
     kl_clamp: float = 0.0  # k3 clipped to [-kl_clamp, kl_clamp]; 0 = off
     method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
@@ -78,7 +86,6 @@ class LossSettings:
         a = config.algo
         method = a.get(a.intervention) if a.intervention in a else None
         return cls(
-            prompt_len=config.data.max_prompt_len,
             temperature=float(config.rollout.temperature),
             eps_low=float(a.eps_low),
             eps_high=float(a.eps_high),
@@ -89,6 +96,7 @@ class LossSettings:
             kl_clamp=float(a.kl_clamp),
             entropy_coef=float(a.entropy_coef),
             logp_chunk=int(config.model.logp_chunk),
+            logp_remat=logp_remat(config, batch_shards),
             micro_batch=int(config.train.micro_batch_sequences),
             intervention=a.intervention,
             method=tuple(sorted(method.to_dict().items())) if method is not None else (),
@@ -213,55 +221,39 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, updates_p
     return optax.chain(*chain, adamw), schedule
 
 
-def response_hidden(model, batch: Batch, prompt_len: int) -> tuple[Array, Array]:
+def packed_hidden(model, batch: Batch) -> Array:
+    """Final hidden states `[rows, L, D]` of the packed rows."""
+    hidden, _ = model.hidden_states(batch.tokens, batch.positions, segment_ids=batch.segment_ids)
+    return hidden
+
+
+def response_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array]:
     """The hidden states `[N, R, D]` that predict the response tokens, and the `[D, V]` head."""
-    hidden, _ = model.hidden_states(batch.input_ids, attention_mask=batch.attention_mask)
-    return hidden[:, prompt_len - 1 : -1], model.unembedding()
+    hidden = gather_responses(packed_hidden(model, batch), batch.gather, shards)
+    return hidden, model.unembedding()
 
 
 def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
-    """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T."""
-    hidden, unembed = response_hidden(model, batch, s.prompt_len)
-    return losses.token_logp_entropy(
-        hidden,
-        unembed,
-        batch.input_ids[:, s.prompt_len :],
+    """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T.
+
+    Computed at every packed position (each predicts the next token of its row), then
+    gathered per sequence: the LM head's FLOPs follow the packed tokens."""
+    targets = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))  # [rows, L]
+    logp, ent = losses.token_logp_entropy(
+        packed_hidden(model, batch),
+        model.unembedding(),
+        targets,
         temperature=s.temperature,
         chunk_size=s.logp_chunk,
+        remat=s.logp_remat,
     )
-
-
-def split_rows(tree, parts: int, shards: int = 1):
-    """Every leaf `[N, ...]` -> `[parts, N / parts, ...]`, part i taking its rows from each
-    of the `shards` contiguous device blocks of N: a local slice on every device."""
-
-    def split(x):
-        x = x.reshape(shards, parts, -1, *x.shape[1:]).swapaxes(0, 1)
-        return x.reshape(parts, -1, *x.shape[3:])
-
-    return jax.tree.map(split, tree)
-
-
-def merge_rows(tree, shards: int = 1):
-    """The inverse of `split_rows`: every leaf `[parts, M, ...]` -> `[parts * M, ...]`."""
-
-    def merge(y):
-        y = y.reshape(y.shape[0], shards, -1, *y.shape[2:]).swapaxes(0, 1)
-        return y.reshape(-1, *y.shape[3:])
-
-    return jax.tree.map(merge, tree)
-
-
-def device_order(n: int, micro_batch: int, shards: int) -> np.ndarray:
-    """The row order on device: row p of the device batch is row `order[p]` of the logical
-    batch, so that `split_rows(batch, n // micro_batch, shards)[g]` is logical micro-batch g
-    (rows `g * micro_batch ...`, in order). The identity when `shards` is 1."""
-    return np.asarray(merge_rows(np.arange(n).reshape(n // micro_batch, micro_batch), shards))
+    both = gather_responses(jnp.stack([logp, ent], -1), batch.gather, s.batch_shards)
+    return both[..., 0], both[..., 1]
 
 
 def _map_micro_batches(fn, batch: Batch, s: LossSettings):
     """`fn` over micro-batches (bounded memory); outputs back in the batch's row order."""
-    parts = batch.input_ids.shape[0] // s.micro_batch
+    parts = batch.advantages.shape[0] // s.micro_batch
     out = jax.lax.map(fn, split_rows(batch, parts, s.batch_shards))
     return merge_rows(out, s.batch_shards)
 
@@ -361,8 +353,8 @@ def update(
     norm = losses.agg_norm(mini.response_mask)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     rng, key = jax.random.split(state.rng)
-    micro = split_rows(mini, mini.input_ids.shape[0] // s.micro_batch, s.batch_shards)
-    keys = jax.random.split(key, micro.input_ids.shape[0])
+    micro = split_rows(mini, mini.advantages.shape[0] // s.micro_batch, s.batch_shards)
+    keys = jax.random.split(key, micro.advantages.shape[0])
 
     def micro_step(carry, xs):
         grads, loss, sums, wmin = carry
@@ -416,8 +408,8 @@ def entropy_check(graphdef, before, after, batch: Batch, s: LossSettings) -> dic
     """Actual vs Lemma-1-predicted entropy change of the step's updates on its rollouts."""
 
     def one(mb):
-        hb, ub = response_hidden(nnx.merge(graphdef, before), mb, s.prompt_len)
-        ha, ua = response_hidden(nnx.merge(graphdef, after), mb, s.prompt_len)
+        hb, ub = response_hidden(nnx.merge(graphdef, before), mb, s.batch_shards)
+        ha, ua = response_hidden(nnx.merge(graphdef, after), mb, s.batch_shards)
         return losses.token_entropy_change(
             hb, ub, ha, ua, temperature=s.temperature, chunk_size=s.logp_chunk
         )
@@ -436,24 +428,49 @@ def rollout_batch(
     response_len: int,
     pad_id: int,
 ) -> dict[str, np.ndarray]:
-    """Host-side padding of N (prompt, response) pairs into the `Batch` layout."""
+    """N (prompt, response) pairs as host arrays: `tokens` `[N, P + R]` holds each prompt then
+    its response from column 0 (`pad_id` after), `prompt_lengths` `[N]`, and the `[N, R]`
+    response fields; `jaxrlvr.packing.pack` lays them out for the device."""
     n = len(responses)
     ids = np.full((n, prompt_len + response_len), pad_id, np.int32)
-    attn = np.zeros((n, prompt_len + response_len), np.int32)
+    plen = np.zeros((n,), np.int64)
     resp_mask = np.zeros((n, response_len), np.float32)
     logp = np.zeros((n, response_len), np.float32)
     for i, (p, r, lp) in enumerate(zip(prompts, responses, sampler_logp, strict=True)):
         if len(p) > prompt_len or len(r) > response_len:
             raise ValueError(f"sequence {i}: prompt {len(p)} / response {len(r)} tokens too long")
-        ids[i, prompt_len - len(p) : prompt_len] = p
-        ids[i, prompt_len : prompt_len + len(r)] = r
-        attn[i, prompt_len - len(p) : prompt_len + len(r)] = 1
+        ids[i, : len(p) + len(r)] = list(p) + list(r)
+        plen[i] = len(p)
         resp_mask[i, : len(r)] = 1
         logp[i, : len(r)] = lp
     return {
-        "input_ids": ids,
-        "attention_mask": attn,
+        "tokens": ids,
+        "prompt_lengths": plen,
         "response_mask": resp_mask,
         "advantages": np.asarray(advantages, np.float32),
         "sampler_logp": logp,
     }
+
+
+# Without recompute the backward pass keeps about two float32 [rows, L, V] arrays of the LM
+# head per micro-batch (the logits and the probabilities); above this, `auto` recomputes.
+LOGP_REMAT_BYTES = 1 << 30
+
+
+def logp_remat(config: ml_collections.ConfigDict, batch_shards: int = 1) -> bool:
+    """Whether the update recomputes the LM head's chunks in the backward pass
+    (`model.logp_remat`: on, off, or auto = on where a micro-batch's kept logits per
+    device would exceed `LOGP_REMAT_BYTES`)."""
+    choice = config.model.logp_remat
+    if choice != "auto":
+        return choice == "on"
+    rows = max(config.train.micro_batch_sequences // max(batch_shards, 1), 1)
+    length = config.data.max_prompt_len + config.rollout.max_new_tokens
+    return 2 * 4 * rows * length * vocab_size(config) > LOGP_REMAT_BYTES
+
+
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+    """The policy's vocabulary, from `model.path`'s config.json or the preset."""
+    from jaxrlvr import plan
+
+    return plan.model_config(config).vocab_size

@@ -2,8 +2,9 @@
 
 `Learner` owns the `TrainState` (parameters, optimizer, controllers, PRNG key) and the
 step's programs (`jaxrlvr.programs`). `step` takes one step's rollout arrays from the
-host, runs the old-policy (and reference) pass, the step's optimizer updates and the
-controllers, and returns the step's metrics as Python numbers.
+host, packs them into rows (`jaxrlvr.packing`), runs the old-policy (and reference)
+pass, the step's optimizer updates and the controllers, and returns the step's metrics
+as Python numbers.
 
 Non-finite updates are skipped on device (see `grpo.update`); `step` reports how many
 and why (`skipped_updates`, `skip_reason`), and the trainer stops a run that keeps
@@ -21,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import distributed, grpo, losses, programs
+from jaxrlvr import distributed, grpo, losses, packing, programs
 from jaxrlvr.sharding import batch_shards
 
 SKIP_REASONS = ("loss", "grad_norm", "params")  # bits of `grpo.update`'s `skip_code`
@@ -51,10 +52,9 @@ class Learner:
         self.tx, self.schedule = grpo.make_optimizer(
             c.optim, c.train.steps, config_lib.updates_per_step(c)
         )
-        shards = batch_shards(mesh)
+        self.shards = shards = batch_shards(mesh)
         self.settings = grpo.LossSettings.from_config(c, num_epochs=num_epochs, batch_shards=shards)
         num_sequences = c.train.prompts_per_step * c.rollout.n
-        self.row_order = grpo.device_order(num_sequences, c.train.micro_batch_sequences, shards)
         abstract_state = programs.abstract_train_state(params, self.tx, c)
         self.programs = programs.build(
             graphdef, self.tx, self.settings, mesh, abstract_state, num_sequences
@@ -75,21 +75,25 @@ class Learner:
         self.state = jax.device_put(state, self.programs.state_shardings)
 
     def _put(self, x: np.ndarray) -> jax.Array:
-        """A host array of rollout rows (the same on every process) on the mesh, rows in
-        the device order."""
-        return distributed.global_array(x[self.row_order], self.programs.batch_sharding)
+        """A host array in device order (the same on every process) on the mesh."""
+        return distributed.global_array(x, self.programs.batch_sharding)
 
-    def _device_batch(self, arrays: dict[str, np.ndarray], zeros: jax.Array) -> grpo.Batch:
-        """The rollout arrays on the mesh (row-sharded); log-prob fields start as zeros."""
-        return grpo.Batch(
-            input_ids=self._put(arrays["input_ids"]),
-            attention_mask=self._put(arrays["attention_mask"]),
-            response_mask=self._put(arrays["response_mask"]),
-            advantages=self._put(arrays["advantages"]),
-            old_logp=zeros,
-            old_entropy=zeros,
-            ref_logp=zeros,
+    def device_batch(self, arrays: dict[str, np.ndarray]) -> tuple[grpo.Batch, jax.Array, dict]:
+        """The rollout arrays packed and on the mesh (log-prob fields zero), the sampler's
+        log-probs, and the packing stats."""
+        c = self.config
+        packed, stats = packing.pack(
+            arrays,
+            micro_batch=c.train.micro_batch_sequences,
+            shards=self.shards,
+            row_len=c.data.max_prompt_len + c.rollout.max_new_tokens,
+            enabled=c.train.pack,
         )
+        dev = {k: self._put(v) for k, v in packed.items()}
+        zeros = self._put(np.zeros(arrays["response_mask"].shape, np.float32))
+        fields = {k: dev[k] for k in grpo.Batch._fields if k in dev}
+        batch = grpo.Batch(**fields, old_logp=zeros, old_entropy=zeros, ref_logp=zeros)
+        return batch, dev["sampler_logp"], stats
 
     def step(self, arrays: dict[str, np.ndarray], epoch: int, check_entropy: bool) -> dict:
         """Old-policy pass, the step's optimizer updates and controllers, and diagnostics."""
@@ -98,12 +102,10 @@ class Learner:
 
     def _step(self, arrays: dict[str, np.ndarray], epoch: int, check_entropy: bool) -> dict:
         c, fns = self.config, self.programs
-        zeros = self._put(np.zeros(arrays["response_mask"].shape, np.float32))
-        batch = self._device_batch(arrays, zeros)
+        batch, sampler_logp, pack_stats = self.device_batch(arrays)
         logp, entropy = fns.policy_pass(self.state.params, batch)
         mask = batch.response_mask
-        sampler_logp = self._put(arrays["sampler_logp"])
-        ref_logp = zeros
+        ref_logp = batch.ref_logp
         if self.ref_params is not None:
             ref_logp, _ = fns.policy_pass(self.ref_params, batch)
         old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
@@ -133,7 +135,7 @@ class Learner:
 
         codes = [int(m.pop("skip_code")) for m in per_update]
         applied = [m for m, code in zip(per_update, codes, strict=True) if not code] or per_update
-        metrics = {k: float(v) for k, v in stats.items()}
+        metrics = {k: float(v) for k, v in stats.items()} | pack_stats
         for key in per_update[0]:  # means over the updates that were applied
             metrics[key] = float(np.mean([m[key] for m in applied]))
         metrics["skipped_updates"] = sum(bool(code) for code in codes)

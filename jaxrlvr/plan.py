@@ -148,7 +148,7 @@ def parse_mesh(spec: str | None, default, devices: int) -> tuple[int, int, int]:
 def model_config(config: ml_collections.ConfigDict) -> Qwen2Config:
     """The architecture to plan: `model.path`'s config.json, else the preset's."""
     c = config.model
-    numerics = dict(dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat)
+    numerics = config_lib.model_numerics(config)
     if c.path:
         return Qwen2Config.from_pretrained(c.path, **numerics)
     if config.preset in PRESETS:

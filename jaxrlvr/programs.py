@@ -126,15 +126,18 @@ def build(
 def abstract_batch(
     num_sequences: int, prompt_len: int, response_len: int, sharding: NamedSharding
 ) -> grpo.Batch:
-    """A `Batch` of `ShapeDtypeStruct`s with `sharding` (for ahead-of-time compilation)."""
+    """A `Batch` of `ShapeDtypeStruct`s with `sharding` (for ahead-of-time compilation), at
+    its largest: one sequence per row, as when nothing packs."""
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     n, t, r = num_sequences, prompt_len + response_len, response_len
     return grpo.Batch(
-        input_ids=spec((n, t), jnp.int32),
-        attention_mask=spec((n, t), jnp.int32),
+        tokens=spec((n, t), jnp.int32),
+        segment_ids=spec((n, t), jnp.int32),
+        positions=spec((n, t), jnp.int32),
+        gather=spec((n, r), jnp.int32),
         response_mask=spec((n, r), jnp.float32),
         advantages=spec((n,), jnp.float32),
         old_logp=spec((n, r), jnp.float32),

@@ -169,12 +169,17 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape), rules))
 
 
+def active_rules() -> LogicalRules:
+    """The rules table `constrain` resolves logical names with (see `axis_rules`)."""
+    return _ACTIVE_RULES.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names under the ambient mesh (no-op without one)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
-    spec = logical_to_spec(names, x.shape, dict(mesh.shape), _ACTIVE_RULES.get())
+    spec = logical_to_spec(names, x.shape, dict(mesh.shape), active_rules())
     return jax.lax.with_sharding_constraint(x, spec)
 
 

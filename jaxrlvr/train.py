@@ -209,13 +209,7 @@ class Trainer:
             ]
         reward_fn = make_reward(c)
 
-        model = load_hf_checkpoint(
-            c.model.path,
-            dtype=c.model.dtype,
-            param_dtype=c.model.param_dtype,
-            mesh=self.mesh,
-            remat=c.model.remat,
-        )
+        model = load_hf_checkpoint(c.model.path, mesh=self.mesh, **config_lib.model_numerics(c))
         self.graphdef, params = nnx.split(model, nnx.Param)
         epochs = -(-c.train.steps // max(self.dataset.batches_per_epoch, 1))
         for warning in config_lib.inert_settings(c, epochs):

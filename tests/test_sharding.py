@@ -108,7 +108,7 @@ def test_device_order_makes_micro_batches_local_slices():
     mesh = make_mesh((1, 8, 1))
     rows = NamedSharding(mesh, P("fsdp"))
     settings = grpo.LossSettings(
-        prompt_len=4, temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=None,
+        temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=None,
         loss_agg="token-mean", kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
         logp_chunk=4, micro_batch=micro, updates=2, batch_shards=shards,
     )  # fmt: skip

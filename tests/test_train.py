@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from tiny_policy import write_tiny_policy
 
-from jaxrlvr import grpo
-from jaxrlvr.config import ConfigError, base_config, validate
+from jaxrlvr import grpo, packing
+from jaxrlvr.config import LOSS_AGG_MODES, ConfigError, base_config, validate
 from jaxrlvr.metrics import read_metrics
 from jaxrlvr.models import Qwen2, preset
 
@@ -94,18 +94,34 @@ def test_bad_config_fails_before_any_compilation(tiny_policy, tmp_path, monkeypa
 # ----------------------------------------------------------------------------- update
 
 
-def _random_batch(cfg, n, prompt_len, resp_len, seed=0):
+def _random_rollouts(cfg, n, prompt_len, resp_len, seed=0):
+    """Host arrays of n random (prompt, response) pairs of random lengths."""
     rng = np.random.RandomState(seed)
-    ids = rng.randint(0, cfg.vocab_size, (n, prompt_len + resp_len)).astype(np.int32)
-    lengths = rng.randint(1, resp_len + 1, n)
-    resp_mask = (np.arange(resp_len)[None] < lengths[:, None]).astype(np.float32)
-    attn = np.concatenate([np.ones((n, prompt_len), np.int32), resp_mask.astype(np.int32)], 1)
-    attn[0, :3] = 0  # some left padding
+    prompts = [
+        list(rng.randint(0, cfg.vocab_size, rng.randint(2, prompt_len + 1))) for _ in range(n)
+    ]
+    responses = [
+        list(rng.randint(0, cfg.vocab_size, rng.randint(1, resp_len + 1))) for _ in range(n)
+    ]
+    arrays = grpo.rollout_batch(
+        prompts, responses, [[0.0] * len(r) for r in responses], rng.randn(n),
+        prompt_len=prompt_len, response_len=resp_len, pad_id=0,
+    )  # fmt: skip
+    return arrays, prompts, responses
+
+
+def _random_batch(cfg, n, prompt_len, resp_len, seed=0, micro_batch=None, pack=True):
+    """A device batch of random rollouts packed for `micro_batch`-sequence micro-batches."""
+    arrays, _, _ = _random_rollouts(cfg, n, prompt_len, resp_len, seed)
+    packed, _ = packing.pack(
+        arrays, micro_batch=micro_batch or n, shards=1, row_len=prompt_len + resp_len,
+        enabled=pack,
+    )  # fmt: skip
+    rng = np.random.RandomState(seed + 1)
     return grpo.Batch(
-        input_ids=jnp.asarray(ids),
-        attention_mask=jnp.asarray(attn),
-        response_mask=jnp.asarray(resp_mask),
-        advantages=jnp.asarray(rng.randn(n).astype(np.float32)),
+        **{k: jnp.asarray(packed[k]) for k in ("tokens", "segment_ids", "positions", "gather")},
+        response_mask=jnp.asarray(packed["response_mask"]),
+        advantages=jnp.asarray(packed["advantages"]),
         old_logp=jnp.asarray(-rng.rand(n, resp_len).astype(np.float32)),
         old_entropy=jnp.asarray(rng.rand(n, resp_len).astype(np.float32)),
         ref_logp=jnp.asarray(-rng.rand(n, resp_len).astype(np.float32)),
@@ -133,10 +149,10 @@ def test_micro_batch_invariance(loss_agg):
     model = Qwen2(cfg, rngs=nnx.Rngs(1))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.sgd(1.0)
-    batch = _random_batch(cfg, 8, 6, 5)
     results = []
     for micro in (8, 2):
         c.train.micro_batch_sequences = micro
+        batch = _random_batch(cfg, 8, 6, 5, micro_batch=micro)
         s = grpo.LossSettings.from_config(c)
         state = grpo.init_state(params, tx, c)
         inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
@@ -163,14 +179,15 @@ def test_first_update_is_on_policy():
     cfg = preset("tiny")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(2)), nnx.Param)
     s = grpo.LossSettings.from_config(c)
-    batch = _random_batch(cfg, 8, 6, 5)
+    batch = _random_batch(cfg, 8, 6, 5, micro_batch=4)
     logp, ent = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))(params, batch)
-    # Reference: full logits of each sequence, log_softmax at temperature 1.
-    logits = nnx.merge(graphdef, params)(batch.input_ids, attention_mask=batch.attention_mask)
-    ref = jnp.take_along_axis(
-        jax.nn.log_softmax(logits[:, 5:-1]), batch.input_ids[:, 6:, None], axis=-1
-    )[..., 0]
-    np.testing.assert_allclose(logp, ref, rtol=1e-5, atol=1e-6)
+    # Reference: a full forward pass of each sequence alone, log_softmax at temperature 1.
+    _, prompts, responses = _random_rollouts(cfg, 8, 6, 5)
+    model = nnx.merge(graphdef, params)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        logits = model(jnp.asarray([p + r]))[0, len(p) - 1 : -1]  # [len(r), V]
+        ref = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(r)[:, None], -1)[:, 0]
+        np.testing.assert_allclose(logp[i, : len(r)], ref, rtol=1e-5, atol=1e-6)
     tx, _ = grpo.make_optimizer(c.optim, 10, 1)
     state = grpo.init_state(params, tx, c)
     inputs = grpo.step_inputs(state, logp, batch.response_mask, jnp.int32(0), s)
@@ -189,7 +206,7 @@ def test_non_finite_update_leaves_the_state_unchanged():
     s = grpo.LossSettings.from_config(c)
     tx, _ = grpo.make_optimizer(c.optim, 10, 1)
     state = grpo.init_state(params, tx, c)
-    batch = _random_batch(cfg, 8, 6, 5)
+    batch = _random_batch(cfg, 8, 6, 5, micro_batch=4)
     inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
     update = jax.jit(lambda st, b: grpo.update(st, graphdef, tx, b, 0, inputs, s))
     before = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.opt_state)))
@@ -317,7 +334,7 @@ def test_every_intervention_updates(intervention, sub):
     s = grpo.LossSettings.from_config(c, num_epochs=2)
     tx = optax.sgd(1.0)
     state = grpo.init_state(params, tx, c, step=3)
-    batch = _random_batch(cfg, 8, 6, 5)
+    batch = _random_batch(cfg, 8, 6, 5, micro_batch=4)
     logp, ent = grpo.policy_pass(graphdef, params, batch, s)  # near on-policy old log-probs
     noise = 0.05 * jax.random.normal(jax.random.key(1), logp.shape)
     batch = batch._replace(old_logp=logp + noise, old_entropy=ent)
@@ -392,3 +409,43 @@ def test_remat_policies_give_the_same_training_metrics(tiny_policy, tmp_path, re
             if isinstance(value, float):
                 np.testing.assert_allclose(other[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
     assert runs["none"][-1]["grad_norm"] > 0 and "dH_actual" in runs["none"][-1]
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+def test_packed_update_equals_unpacked(loss_agg):
+    """Packing several sequences per row changes nothing but the layout: the policy pass,
+    the update's parameter step and its metrics agree with one sequence per row to 1e-5."""
+    c = base_config("demo")
+    c.algo.loss_agg = loss_agg
+    c.algo.kl_coef, c.algo.kl_clamp, c.algo.entropy_coef = 0.1, 0.0, 0.01
+    c.algo.intervention = "clip_cov"  # a random per-micro-batch selection: same keys, same picks
+    c.algo.clip_cov.ratio, c.algo.clip_cov.lb, c.algo.clip_cov.ub = 0.2, -100.0, 100.0
+    c.data.max_prompt_len = 8
+    c.train.prompts_per_step = c.train.mini_batch_prompts
+    c.train.micro_batch_sequences = 4
+    cfg = preset("tiny")
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(4)), nnx.Param)
+    s = grpo.LossSettings.from_config(c)
+    tx = optax.sgd(1.0)
+    out = []
+    for pack in (False, True):
+        batch = _random_batch(cfg, 8, 8, 12, seed=5, micro_batch=4, pack=pack)
+        logp, ent = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))(params, batch)
+        batch = batch._replace(old_logp=logp + 0.05, old_entropy=ent)
+        state = grpo.init_state(params, tx, c)
+        inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
+        update = jax.jit(lambda st, b, i: grpo.update(st, graphdef, tx, b, 0, i, s))
+        new, m = update(state, batch, inputs)
+        out.append((batch.tokens.shape[0], logp, ent, new.params, m))
+    (rows_u, logp_u, ent_u, p_u, m_u), (rows_p, logp_p, ent_p, p_p, m_p) = out
+    assert rows_p < rows_u == 8  # packing did pack
+    mask = np.asarray(batch.response_mask) > 0
+    np.testing.assert_allclose(np.asarray(logp_p)[mask], np.asarray(logp_u)[mask], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent_p)[mask], np.asarray(ent_u)[mask], rtol=1e-5)
+    leaves = (jax.tree.leaves(t) for t in (p_u, p_p, params))
+    for a, b, p0 in zip(*leaves, strict=True):
+        step_u, step_p = np.asarray(a - p0), np.asarray(b - p0)
+        assert np.max(np.abs(step_u - step_p)) <= 1e-5 * np.max(np.abs(step_u)) + 1e-12
+    for key in m_u:
+        np.testing.assert_allclose(m_p[key], m_u[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert float(m_u["intervention_frac"]) > 0

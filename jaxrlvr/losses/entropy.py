@@ -5,8 +5,8 @@ Formulas: docs/algorithms.md#token-entropy.
 The LM head of Qwen2.5 has a 152k vocabulary: [B, T, V] float32 logits of a long rollout do
 not fit in memory. ``token_logp_entropy`` takes the final hidden states and the LM-head
 matrix instead, and computes the logits of ``chunk_size`` positions at a time inside a
-``lax.map`` whose body is rematerialised (``jax.checkpoint``), so neither the forward nor
-the backward pass holds more than one chunk of logits.
+``lax.map`` whose body is rematerialised (``jax.checkpoint``, unless ``remat=False``), so
+neither the forward nor the backward pass holds more than one chunk of logits.
 """
 
 from __future__ import annotations
@@ -95,12 +95,15 @@ def token_logp_entropy(
     *,
     temperature: float | jax.Array = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    remat: bool = True,
 ) -> tuple[jax.Array, jax.Array]:  # (logp [B, T], entropy [B, T]) float32
     """log softmax(z / T)[target] and the entropy of softmax(z / T), z = hidden @ unembed.
 
     The logits are computed ``chunk_size`` positions at a time (matmul accumulated in
-    float32), so at most [B, chunk_size, V] float32 logits exist at once, forward and
-    backward. Differentiable w.r.t. ``hidden`` and ``unembed``; position ``t`` of
+    float32), so at most [B, chunk_size, V] float32 logits exist at once in the forward
+    pass, and in the backward pass too with `remat` (each chunk's logits recomputed; without
+    it the backward pass keeps every chunk's, trading memory for a third less LM-head
+    work). Differentiable w.r.t. ``hidden`` and ``unembed``; position ``t`` of
     ``hidden`` must be the state that predicts ``targets[:, t]``.
     """
 
@@ -108,5 +111,5 @@ def token_logp_entropy(
         logits = jnp.einsum("bcd,dv->bcv", h, unembed, preferred_element_type=jnp.float32)
         return _logp_entropy_from_logits(logits, tgt, temperature)
 
-    logp, ent = map_sequence_chunks(chunk, (hidden, targets), chunk_size=chunk_size)
+    logp, ent = map_sequence_chunks(chunk, (hidden, targets), chunk_size=chunk_size, remat=remat)
     return logp, ent

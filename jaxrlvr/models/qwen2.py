@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrlvr.models.attention import ATTENTION_BACKENDS, Visibility, attention
 from jaxrlvr.sharding import constrain
 
 Array = jax.Array
@@ -72,12 +73,20 @@ class Qwen2Config:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # activation checkpointing per decoder layer: none | full | dots
+    attention: str = "auto"  # attention backend (`jaxrlvr.models.attention`)
+    attention_block: int = 512  # key block of the blocked (flash) backend
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # older configs: True / False
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention={self.attention!r}: expected one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block}: must be >= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by "
@@ -115,7 +124,8 @@ class Qwen2Config:
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"unsupported rope scaling {rope!r}; only default RoPE is ported")
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and k not in ("dtype", "param_dtype")}
+        numerics = ("dtype", "param_dtype", "remat", "attention", "attention_block")
+        kw = {k: v for k, v in d.items() if k in names and k not in numerics}
         if "rope_theta" not in d and "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
         kw.update(overrides)
@@ -281,7 +291,7 @@ class Attention(nnx.Module):
         x: Array,  # [B, T, D]
         cos: Array,  # [B, T, Dh]
         sin: Array,
-        mask: Array,  # [B, T, S] bool: query t may attend key slot s
+        vis: Visibility,  # which key slots each query sees
         kv: KVCache | None,  # the whole cache ([L, B, S, K, Dh] x 2) or None
         layer: Array | None,  # [] int: this layer's index in the cache
         cache_index: Array | None,  # [B] slot of x[:, 0] in the cache
@@ -308,13 +318,7 @@ class Attention(nnx.Module):
             )
             k, v = kv.k[layer].astype(dt), kv.v[layer].astype(dt)  # [B, S, K, Dh]
 
-        b, t, h, hd = q.shape
-        n_kv = k.shape[2]
-        q = q.reshape(b, t, n_kv, h // n_kv, hd)  # group query heads by their KV head
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        out = attention(q, k, v, vis, backend=self.cfg.attention, block=self.cfg.attention_block)
         return jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(dt)), kv
 
 
@@ -343,8 +347,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(d, eps, cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, layer=None, cache_index=None):
-        attn_out, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, layer, cache_index)
+    def __call__(self, x, cos, sin, vis, kv=None, layer=None, cache_index=None):
+        attn_out, kv = self.attn(self.input_norm(x), cos, sin, vis, kv, layer, cache_index)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return constrain(x, ("batch", "length", "act_embed")), kv
@@ -372,7 +376,7 @@ def scan_layers(
     x: Array,  # [B, T, D]
     cos: Array,
     sin: Array,
-    mask: Array,
+    vis: Visibility,
     cache: KVCache | None = None,
     cache_index: Array | None = None,
     remat: str = "none",
@@ -386,7 +390,7 @@ def scan_layers(
 
     def body(carry, params):
         h, kv, i = carry
-        h, kv = nnx.merge(graphdef, params)(h, cos, sin, mask, kv, i, cache_index)
+        h, kv = nnx.merge(graphdef, params)(h, cos, sin, vis, kv, i, cache_index)
         return (h, kv, i + 1), None
 
     if cache is None and REMAT_POLICIES[remat] is not None:
@@ -428,42 +432,50 @@ class Qwen2(nnx.Module):
         positions: Array | None = None,  # [B, T] int
         attention_mask: Array | None = None,  # [B, T] {0, 1}
         *,
+        segment_ids: Array | None = None,  # [B, T] int: packed sequences, 0 = padding
         cache: KVCache | None = None,
         cache_index: Array | None = None,  # [B] int: cache slot of input_ids[:, 0]
     ) -> tuple[Array, KVCache | None]:
         """Final-norm hidden states `[B, T, D]` (compute dtype) and the updated cache.
 
-        Without a cache, attention is causal over the T tokens, restricted to
-        `attention_mask`; positions default to `cumsum(mask) - 1` (left padding is exact).
-        With a cache, row b's tokens go to slots `cache_index[b] + t` and attend every slot
-        up to their own; positions default to the slot index.
+        Without a cache, attention is causal over the T tokens and stays within a segment:
+        `segment_ids` packs several sequences per row (positions restart at 0 in each),
+        `attention_mask` is the one-sequence case (positions default to `cumsum(mask) - 1`,
+        so left padding is exact). With a cache, row b's tokens go to slots
+        `cache_index[b] + t` and attend every slot up to their own; positions default to
+        the slot index.
         """
         cfg = self.config
         b, t = input_ids.shape
         if cache is None:
-            valid = (
-                jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-            )
-            if positions is None:
-                positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & valid[:, None, :]  # [B, T, T]
+            if segment_ids is not None and attention_mask is not None:
+                raise ValueError("pass segment_ids or attention_mask, not both")
+            if segment_ids is None:
+                valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+                segment_ids = valid.astype(jnp.int32)
+                if positions is None:
+                    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
+            elif positions is None:
+                positions = segment_positions(segment_ids)
+            columns = jnp.broadcast_to(jnp.arange(t), (b, t))
+            vis = Visibility(segment_ids, segment_ids, columns, aligned=True)
         else:
             if cache_index is None:
                 raise ValueError("cache_index is required with a cache")
             slots = cache_index[:, None] + jnp.arange(t)  # [B, T]
             if positions is None:
                 positions = slots
-            mask = jnp.arange(cache.max_length)[None, None, :] <= slots[:, :, None]  # [B, T, S]
-            if attention_mask is not None:
-                mask &= attention_mask.astype(bool)[:, :, None]
+            ones = jnp.ones((b, cache.max_length), jnp.int32)
+            seen = ones[:, :t] if attention_mask is None else attention_mask.astype(jnp.int32)
+            # T == S: the tokens fill the cache from slot 0 (the only way they fit).
+            vis = Visibility(seen, ones, slots, aligned=t == cache.max_length)
 
         dt = as_dtype(cfg.dtype)
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "act_embed"))
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
-        x, cache = scan_layers(self.layers, x, cos, sin, mask, cache, cache_index, cfg.remat)
+        x, cache = scan_layers(self.layers, x, cos, sin, vis, cache, cache_index, cfg.remat)
         return self.final_norm(x), cache
 
     def logits(self, hidden: Array) -> Array:
@@ -478,12 +490,18 @@ class Qwen2(nnx.Module):
         positions: Array | None = None,
         attention_mask: Array | None = None,
         *,
+        segment_ids: Array | None = None,
         cache: KVCache | None = None,
         cache_index: Array | None = None,
     ) -> Array | tuple[Array, KVCache]:
         """Logits `[B, T, V]` (float32); with a cache, `(logits, new_cache)`."""
         hidden, new_cache = self.hidden_states(
-            input_ids, positions, attention_mask, cache=cache, cache_index=cache_index
+            input_ids,
+            positions,
+            attention_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+            cache_index=cache_index,
         )
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
@@ -491,6 +509,16 @@ class Qwen2(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
         """A zero KV cache of `max_length` slots per row (compute dtype by default)."""
         return init_cache(self.config, batch_size, max_length, dtype)
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Each token's position within its segment `[B, T]` (segments are contiguous runs)."""
+    t = segment_ids.shape[1]
+    columns = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    return columns - jax.lax.cummax(jnp.where(starts, columns, 0), axis=1)
 
 
 def init_cache(cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:

@@ -1,0 +1,137 @@
+"""Where a rollout batch's rows live: packed sequences, micro-batches, device shards.
+
+The policy pass and the update read sequences packed several to a row: each row holds
+whole sequences (prompt then response) back to back, marked by segment ids 1, 2, ... with
+positions restarting at 0, and attention stays within a segment. Nothing is padded to
+`max_prompt_len`; a row's tail after its last sequence is the only padding. Losses and
+metrics stay per sequence (`[N, R]`): `gather_responses` picks, for response token t of
+each sequence, the packed state that predicts it.
+
+Rows are grouped so that every micro-batch, and every device's share of it, is a slice of
+the device's own rows (`device_order`, `split_rows`): the sequences of micro-batch g on
+device d are packed into that group's own rows. With packing off, each sequence has a row
+of its own (the same layout, one segment per row).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+Array = jax.Array
+
+# Row counts per group are rounded up to a multiple of (rows without packing) / 8: at most
+# eight batch shapes, so at most eight compiled variants of the update.
+ROW_BUCKETS = 8
+
+
+def split_rows(tree, parts: int, shards: int = 1):
+    """Every leaf `[N, ...]` -> `[parts, N / parts, ...]`, part i taking its rows from each
+    of the `shards` contiguous device blocks of N: a local slice on every device."""
+
+    def split(x):
+        x = x.reshape(shards, parts, -1, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(parts, -1, *x.shape[3:])
+
+    return jax.tree.map(split, tree)
+
+
+def merge_rows(tree, shards: int = 1):
+    """The inverse of `split_rows`: every leaf `[parts, M, ...]` -> `[parts * M, ...]`."""
+
+    def merge(y):
+        y = y.reshape(y.shape[0], shards, -1, *y.shape[2:]).swapaxes(0, 1)
+        return y.reshape(-1, *y.shape[3:])
+
+    return jax.tree.map(merge, tree)
+
+
+def device_order(n: int, micro_batch: int, shards: int) -> np.ndarray:
+    """The row order on device: row p of the device batch is row `order[p]` of the logical
+    batch, so that `split_rows(batch, n // micro_batch, shards)[g]` is logical micro-batch g
+    (rows `g * micro_batch ...`, in order). The identity when `shards` is 1."""
+    return np.asarray(merge_rows(np.arange(n).reshape(n // micro_batch, micro_batch), shards))
+
+
+def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in rows of at most `capacity` tokens (first fit, longest first);
+    each row lists its sequences in index order."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = next((j for j, f in enumerate(free) if lengths[i] <= f), None)
+        if j is None:
+            rows.append([])
+            free.append(capacity)
+            j = len(rows) - 1
+        rows[j].append(i)
+        free[j] -= int(lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def pack(
+    arrays: dict[str, np.ndarray],
+    *,
+    micro_batch: int,
+    shards: int,
+    row_len: int,
+    enabled: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The device layout of a rollout batch (`grpo.rollout_batch`) and its packing stats.
+
+    Returns the token fields `tokens`, `segment_ids`, `positions` `[rows, row_len]` and the
+    sequence fields `gather` `[N, R]` (row-major index into the group's rows of the state
+    predicting each response token), `response_mask`, `advantages`, `sampler_logp`, all in
+    device order; and `pad_fraction` (padding share of the packed tokens) and
+    `rows_per_micro_batch`.
+    """
+    tokens, plen = arrays["tokens"], arrays["prompt_lengths"]
+    rlen = arrays["response_mask"].sum(axis=1).astype(np.int64)
+    lengths = plen + rlen
+    n, r_max = arrays["response_mask"].shape
+    if lengths.max(initial=0) > row_len:
+        raise ValueError(f"a sequence of {lengths.max()} tokens exceeds the row of {row_len}")
+    parts, per = n // micro_batch, micro_batch // shards
+    groups = np.arange(n).reshape(parts, shards, per).swapaxes(0, 1)  # [shards, parts, per]
+    layouts = {}
+    for d, g in np.ndindex(shards, parts):
+        ids = groups[d, g]
+        rows = first_fit(lengths[ids], row_len) if enabled else [[i] for i in range(per)]
+        layouts[d, g] = [[int(ids[i]) for i in row] for row in rows]
+    step = max(1, per // ROW_BUCKETS)
+    r = min(per, -(-max(len(v) for v in layouts.values()) // step) * step)
+
+    shape = (shards, parts, r, row_len)
+    packed = {k: np.zeros(shape, np.int32) for k in ("tokens", "segment_ids", "positions")}
+    gather = np.zeros((n, r_max), np.int32)
+    t = np.arange(r_max)
+    for (d, g), rows in layouts.items():
+        for j, row in enumerate(rows):
+            offset = 0
+            for k, i in enumerate(row):
+                span = slice(offset, offset + lengths[i])
+                packed["tokens"][d, g, j, span] = tokens[i, : lengths[i]]
+                packed["segment_ids"][d, g, j, span] = k + 1
+                packed["positions"][d, g, j, span] = np.arange(lengths[i])
+                last = max(int(rlen[i]) - 1, 0)  # tokens past the response repeat its last
+                gather[i] = j * row_len + offset + plen[i] - 1 + np.minimum(t, last)
+                offset += lengths[i]
+    order = device_order(n, micro_batch, shards)
+    out = {k: v.reshape(-1, row_len) for k, v in packed.items()}
+    out["gather"] = gather[order]
+    for key in ("response_mask", "advantages", "sampler_logp"):
+        out[key] = arrays[key][order]
+    stats = {
+        "pad_fraction": float(1.0 - lengths.sum() / (shards * parts * r * row_len)),
+        "rows_per_micro_batch": float(r * shards),
+    }
+    return out, stats
+
+
+def gather_responses(x: Array, index: Array, shards: int) -> Array:
+    """`x` `[rows, L, ...]` of one micro-batch -> `[n, R, ...]` at `index` `[n, R]`; each
+    device gathers from its own rows."""
+    flat = x.reshape(shards, -1, *x.shape[2:])  # [shards, rows/shards * L, ...]
+    idx = index.reshape(shards, -1, index.shape[-1])  # [shards, n/shards, R]
+    out = jax.vmap(lambda a, i: a[i])(flat, idx)
+    return out.reshape(-1, *out.shape[2:])
