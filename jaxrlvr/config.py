@@ -49,6 +49,9 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # storage dtype of the trained parameters
     c.model.remat = "none"  # activation checkpointing per layer: none | full | dots
     c.model.logp_chunk = 128  # sequence chunk for log-probs/entropy ([chunk, V] logits)
+    c.model.logp_remat = "auto"  # recompute the LM head in the backward pass: auto | on | off
+    c.model.attention = "auto"  # auto | blocked | splash | cudnn | reference
+    c.model.attention_block = 512  # key block of the blocked (flash) attention
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = config_dict.placeholder(str)  # comma-separated paths or globs
@@ -121,6 +124,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.train.prompts_per_step = 512
     c.train.mini_batch_prompts = 32  # updates per step = prompts_per_step / mini_batch_prompts
     c.train.micro_batch_sequences = 8  # gradient accumulation chunk (sequences)
+    c.train.pack = True  # pack several sequences per row in the policy pass and the update
     c.train.eval_every = 10  # steps; 0 = never
     c.train.eval_n = 32  # samples per eval prompt (the k of Avg@k / Pass@k)
     c.train.eval_max_prompts = 0  # 0 = all eval prompts
@@ -293,6 +297,11 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     one_of("model.param_dtype", ("float32", "bfloat16"))
     one_of("model.remat", ("none", "full", "dots"))
     need(config.model.logp_chunk >= 1, "model.logp_chunk", "must be >= 1")
+    one_of("model.logp_remat", ("auto", "on", "off"))
+    from jaxrlvr.models.attention import ATTENTION_BACKENDS
+
+    one_of("model.attention", ATTENTION_BACKENDS)
+    need(config.model.attention_block >= 1, "model.attention_block", "must be >= 1")
     one_of("data.prompt_template", ("qwen_chat", "dapo", "raw"))
     need(config.data.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
     one_of("reward.name", ("math", "demo"))
@@ -375,6 +384,18 @@ def _validate_intervention(config, need, one_of) -> None:
         config.diagnostics.entropy_check_every >= 0,
         "diagnostics.entropy_check_every",
         "must be >= 0 (0 = off)",
+    )
+
+
+def model_numerics(config: ml_collections.ConfigDict) -> dict[str, object]:
+    """The `Qwen2Config` fields this port sets from `config.model` (not the architecture)."""
+    m = config.model
+    return dict(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        attention=m.attention,
+        attention_block=int(m.attention_block),
     )
 
 
