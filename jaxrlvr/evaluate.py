@@ -118,6 +118,7 @@ def evaluate(
         raise config_lib.ConfigError(
             "no eval set: give --eval=NAME=PATH (or a run with eval_files)"
         )
+    preflight.check_attention(config)
     preflight.check_model_dir(config.model.path)
     preflight.check_workdir(out)
     if step is not None:

@@ -2,7 +2,8 @@
 
 Each raises `ConfigError` naming the config key and the file or directory at fault:
 a model directory without weights or tokenizer files, a workdir that cannot be written,
-and a disk with less free space than one checkpoint of the train state needs.
+a disk with less free space than one checkpoint of the train state needs, and an
+attention kernel this platform cannot run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def check_model_dir(path: str) -> None:
             f"{key}={path!r}: no tokenizer files (need {wanted}); copy them from the "
             "checkpoint's Hugging Face repository"
         )
+
+
+def check_attention(config: ml_collections.ConfigDict) -> None:
+    """`model.attention` names a kernel this platform has (`auto` always does)."""
+    from jaxrlvr.models.attention import check_backend
+
+    why = check_backend(config.model.attention, jax.default_backend())
+    if why:
+        raise ConfigError(f"config.model.attention={config.model.attention!r}: {why}")
 
 
 def check_workdir(workdir: str) -> None:

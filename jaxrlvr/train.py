@@ -182,6 +182,7 @@ class Trainer:
         config_lib.validate_mesh(config, self.mesh)
         # Several processes: the same config everywhere, and a workdir all of them see.
         distributed.check_same("the config", json.loads(config.to_json()))
+        preflight.check_attention(c)
         preflight.check_workdir(self.workdir)
         distributed.check_shared_directory(self.workdir)
         preflight.check_model_dir(c.model.path)

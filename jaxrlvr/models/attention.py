@@ -57,8 +57,16 @@ class Visibility(NamedTuple):
         return same & (s[None, None, :] <= self.q_slots[:, :, None])
 
 
+def current_platform() -> str:
+    """The platform being traced for: the ambient mesh's devices (a TPU slice planned on a
+    CPU host is TPU), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def platform_backend(backend: str, platform: str | None = None) -> str:
-    """The backend that runs for `backend` on `platform` (default: JAX's default backend).
+    """The backend that runs for `backend` on `platform` (default: `current_platform()`).
 
     `auto` picks the platform's kernel. A kernel the platform lacks is an error when asked
     for by name (`check_backend`); inside `attention` it falls back to `blocked`, once
@@ -66,7 +74,7 @@ def platform_backend(backend: str, platform: str | None = None) -> str:
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; one of {ATTENTION_BACKENDS}")
-    platform = platform or jax.default_backend()
+    platform = platform or current_platform()
     if backend == "auto":
         return _PLATFORM_BACKEND.get(platform, "blocked")
     need = _NEEDS_PLATFORM.get(backend)
@@ -80,7 +88,7 @@ def check_backend(backend: str, platform: str | None = None) -> str | None:
     """Why `backend` cannot run on `platform`, or None when it can (for start-up checks)."""
     if backend not in ATTENTION_BACKENDS:
         return f"unknown attention backend {backend!r}; one of {', '.join(ATTENTION_BACKENDS)}"
-    platform = platform or jax.default_backend()
+    platform = platform or current_platform()
     need = _NEEDS_PLATFORM.get(backend)
     if need is not None and platform != need:
         return f"the {backend} kernel needs a {need.upper()}, and this run is on {platform}"
