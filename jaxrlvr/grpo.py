@@ -236,17 +236,27 @@ def response_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array]:
 def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
     """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T.
 
-    Computed at every packed position (each predicts the next token of its row), then
-    gathered per sequence: the LM head's FLOPs follow the packed tokens."""
+    The LM head runs where it has less to do (shapes are static, so this is decided when
+    tracing): on the hidden states gathered per response slot, `[N, R]`, or at every
+    packed position, `[rows, L]` (each predicting the next token of its row), gathered
+    after."""
+    hidden = packed_hidden(model, batch)  # [rows, L, D]
     targets = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))  # [rows, L]
+    per_response = batch.gather.size <= batch.tokens.size
+    if per_response:
+        hidden, targets = (
+            gather_responses(x, batch.gather, s.batch_shards) for x in (hidden, targets)
+        )
     logp, ent = losses.token_logp_entropy(
-        packed_hidden(model, batch),
+        hidden,
         model.unembedding(),
         targets,
         temperature=s.temperature,
         chunk_size=s.logp_chunk,
         remat=s.logp_remat,
     )
+    if per_response:
+        return logp, ent
     both = gather_responses(jnp.stack([logp, ent], -1), batch.gather, s.batch_shards)
     return both[..., 0], both[..., 1]
 

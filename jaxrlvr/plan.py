@@ -203,15 +203,20 @@ def _abstract(tree, shardings):
     )
 
 
-def model_flops(cfg: Qwen2Config, tokens: int, context: int, passes: float) -> float:
-    """2 x matmul parameters x tokens, plus attention (4 x T x D per token and layer),
-    times `passes` (1 forward; 3 forward + backward; 4 with full recompute)."""
+def model_flops(
+    cfg: Qwen2Config, tokens: int, context: int, passes: float, head_passes: float | None = None
+) -> float:
+    """2 x matmul parameters x tokens, plus attention (4 x T x D per token and layer, the
+    full causal square as the kernels compute it), times `passes` for the decoder layers
+    (1 forward; 3 forward + backward; 4 with layer recompute) and `head_passes` for the
+    LM head (default `passes`; 4 with `model.logp_remat`)."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * cfg.head_dim
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * f  # q, o; k, v; gate, up, down
-    matmul = L * per_layer + d * cfg.vocab_size  # + LM head
-    attention = 4 * L * context * d
-    return float(passes * tokens * (2 * matmul + attention))
+    layers = 2 * L * per_layer + 4 * L * context * d
+    head = 2 * d * cfg.vocab_size
+    head_passes = passes if head_passes is None else head_passes
+    return float(tokens * (passes * layers + head_passes * head))
 
 
 @dataclasses.dataclass
@@ -284,6 +289,7 @@ class Planner:
         chips = self.mesh.size
         tokens, ctx = n * (p + r), p + r
         passes = 4.0 if c.model.remat != "none" else 3.0
+        head_passes = 4.0 if s.logp_remat else 3.0
         resp = jax.ShapeDtypeStruct((n, r), jnp.float32, sharding=rows_sh)
         others = engine_bytes + ref_bytes  # the sampler's weights, the frozen reference
         check_copy = params_bytes if c.diagnostics.entropy_check_every else 0
@@ -296,7 +302,7 @@ class Planner:
             "update": (  # one call per mini-batch
                 (fns.update, (state, batch, scalar(jnp.int32), inputs)),
                 others + check_copy,
-                model_flops(self.cfg, tokens // self.updates, ctx, passes) / chips,
+                model_flops(self.cfg, tokens // self.updates, ctx, passes, head_passes) / chips,
             ),
             "step_inputs": (
                 (fns.step_inputs, (state, resp, resp, scalar(jnp.int32))),
@@ -509,6 +515,12 @@ def plan(
     mesh_ = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
     config_lib.validate_mesh(config, mesh_)
     log(f"planning {config.name}:{config.preset} on {where}, mesh {dict(mesh_.shape)}")
+    recompute = grpo.logp_remat(config, batch_shards(mesh_))
+    log(
+        f"attention {config.model.attention} (block {config.model.attention_block}); "
+        f"LM-head recompute in the update (model.logp_remat={config.model.logp_remat}): "
+        f"{'on' if recompute else 'off'}"
+    )
     planner = Planner(config, mesh_, hbm, log)
     t0 = time.perf_counter()
     rows = planner.run()

@@ -45,11 +45,12 @@ def _logp_entropy_from_logits(
     targets: jax.Array,  # [...] int
     temperature: float | jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    z = _shifted(logits.astype(jnp.float32) / temperature)  # [..., V]
-    lse = jax.nn.logsumexp(z, axis=-1)  # [...]
+    z = _shifted(logits.astype(jnp.float32) / temperature)  # [..., V], max 0
+    e = jnp.exp(z)  # one exponential per logit serves both: softmax = e / sum(e)
+    total = jnp.sum(e, axis=-1)  # [...] >= 1
+    lse = jnp.log(total)
     z_tgt = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    p = jnp.exp(z - lse[..., None])
-    return z_tgt - lse, lse - jnp.sum(p * z, axis=-1)
+    return z_tgt - lse, lse - jnp.sum(e * z, axis=-1) / total
 
 
 def map_sequence_chunks(
