@@ -405,12 +405,11 @@ def all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def rollout_diagnostics(batch: Batch) -> dict[str, Array]:
+def rollout_diagnostics(old_logp: Array, advantages: Array, mask: Array) -> dict[str, Array]:
     """The statistics of docs/algorithms.md#entropy-diagnostics of a rollout batch under the
-    old policy."""
-    mask = batch.response_mask
-    adv = jnp.broadcast_to(batch.advantages[:, None], mask.shape)
-    cov = losses.token_covariance(batch.old_logp, adv, mask)
+    old policy (`[N, R]` log-probs and mask, `[N]` advantages)."""
+    adv = jnp.broadcast_to(advantages[:, None], mask.shape)
+    cov = losses.token_covariance(old_logp, adv, mask)
     return losses.cov_stats(cov, mask) | losses.advantage_stats(adv, mask)
 
 

@@ -127,7 +127,7 @@ class Learner:
             "entropy": step_entropy,
             "entropy_delta": entropy_delta,
             "sampler_logp_abs_diff": jnp.sum(jnp.abs(logp - sampler_logp) * mask) / tokens,
-            **fns.diagnostics(batch),
+            **fns.diagnostics(batch.old_logp, batch.advantages, mask),
         }
         if params_before is not None:
             stats |= fns.entropy_check(params_before, self.state.params, batch)

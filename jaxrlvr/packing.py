@@ -20,9 +20,9 @@ import numpy as np
 
 Array = jax.Array
 
-# Row counts per group are rounded up to a multiple of (rows without packing) / 8: at most
-# eight batch shapes, so at most eight compiled variants of the update.
-ROW_BUCKETS = 8
+# Row counts per group are rounded up to a multiple of (rows without packing) / 4: at most
+# four batch shapes, so at most four compiled variants of the policy pass and the update.
+ROW_BUCKETS = 4
 
 
 def split_rows(tree, parts: int, shards: int = 1):

@@ -314,7 +314,11 @@ class Planner:
                 others + _nbytes(batch),
                 0.0,
             ),
-            "diagnostics": ((fns.diagnostics, (batch,)), _nbytes(state) + others, 0.0),
+            "diagnostics": (
+                (fns.diagnostics, (resp, batch.advantages, resp)),
+                _nbytes(state) + others + _nbytes(batch),
+                0.0,
+            ),
         }
         if c.diagnostics.entropy_check_every:
             todo["entropy_check"] = (

@@ -33,7 +33,7 @@ class StepPrograms:
     update: Callable  # (state, batch, k, inputs) -> (state, metrics); state donated
     step_inputs: Callable  # (state, old_logp, mask, epoch) -> StepInputs
     finish_step: Callable  # (state, entropy, inputs) -> state; state donated
-    diagnostics: Callable  # (batch) -> metrics
+    diagnostics: Callable  # (old_logp, advantages, response_mask) -> metrics
     entropy_check: Callable  # (params_before, params_after, batch) -> metrics
     state_shardings: Any  # a TrainState of shardings
     batch_sharding: NamedSharding  # every Batch field (split on rows)
