@@ -163,3 +163,16 @@ def test_backend_choice_and_fallback(caplog):
     assert warnings == ["attention: cudnn cannot run on cpu; using blocked attention"]
     with pytest.raises(ValueError, match="unknown attention backend"):
         attn.platform_backend("flash")
+
+
+def test_explicit_kernel_the_platform_lacks_is_refused_at_start():
+    """`model.attention=splash` on a CPU run stops before anything loads, naming the key."""
+    from jaxrlvr import preflight
+    from jaxrlvr.config import ConfigError, base_config
+
+    c = base_config("demo")
+    c.model.attention = "splash"
+    with pytest.raises(ConfigError, match=r"config.model.attention='splash': .*needs a TPU"):
+        preflight.check_attention(c)
+    c.model.attention = "auto"
+    preflight.check_attention(c)  # auto always runs
