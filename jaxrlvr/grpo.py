@@ -29,7 +29,7 @@ import optax
 from flax import nnx, struct
 
 from jaxrlvr import losses
-from jaxrlvr.packing import device_order, gather_responses, merge_rows, split_rows
+from jaxrlvr.packing import device_order, merge_rows, split_rows, take_per_shard
 
 __all__ = ["device_order", "merge_rows", "split_rows"]  # the row layout, re-exported
 
@@ -45,7 +45,8 @@ class Batch(NamedTuple):
     tokens: Array  # [rows, L] int32: sequences (prompt, response) back to back
     segment_ids: Array  # [rows, L] int32: 1, 2, ... per sequence of a row; 0 = padding
     positions: Array  # [rows, L] int32: position of each token within its sequence
-    gather: Array  # [N, R] int32: the packed state predicting response token t
+    head_positions: Array  # [groups * M] int32: packed positions predicting a response token
+    head_slots: Array  # [N, R] int32: where response token t sits in its group's head list
     response_mask: Array  # [N, R] float32: 1 on generated tokens
     advantages: Array  # [N] float32
     old_logp: Array  # [N, R] float32
@@ -227,37 +228,42 @@ def packed_hidden(model, batch: Batch) -> Array:
     return hidden
 
 
+def head_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array]:
+    """The hidden states `[groups * M, D]` that predict the response tokens (the head list)
+    and the next tokens `[groups * M]` they predict."""
+    targets = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))  # [rows, L]
+    hidden = take_per_shard(packed_hidden(model, batch), batch.head_positions, shards, keep=1)
+    return hidden, take_per_shard(targets, batch.head_positions, shards)
+
+
+def per_sequence(x: Array, batch: Batch, shards: int, keep: int = 0) -> Array:
+    """Head-list values `[groups * M, ...]` -> `[N, R, ...]` per response token."""
+    return take_per_shard(x, batch.head_slots, shards, keep)
+
+
 def response_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array]:
     """The hidden states `[N, R, D]` that predict the response tokens, and the `[D, V]` head."""
-    hidden = gather_responses(packed_hidden(model, batch), batch.gather, shards)
-    return hidden, model.unembedding()
+    hidden, _ = head_hidden(model, batch, shards)
+    return per_sequence(hidden, batch, shards, keep=1), model.unembedding()
 
 
 def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
     """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T.
 
-    The LM head runs where it has less to do (shapes are static, so this is decided when
-    tracing): on the hidden states gathered per response slot, `[N, R]`, or at every
-    packed position, `[rows, L]` (each predicting the next token of its row), gathered
-    after."""
-    hidden = packed_hidden(model, batch)  # [rows, L, D]
-    targets = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))  # [rows, L]
-    per_response = batch.gather.size <= batch.tokens.size
-    if per_response:
-        hidden, targets = (
-            gather_responses(x, batch.gather, s.batch_shards) for x in (hidden, targets)
-        )
+    The LM head runs on the head list only (`jaxrlvr.packing`): its work follows the
+    response tokens, not the padded `[N, R]` or the prompts."""
+    shards = s.batch_shards
+    hidden, targets = head_hidden(model, batch, shards)  # [G * M, D], [G * M]
+    g = shards  # one row of head states per device: chunks stay device-local
     logp, ent = losses.token_logp_entropy(
-        hidden,
+        hidden.reshape(g, -1, hidden.shape[-1]),
         model.unembedding(),
-        targets,
+        targets.reshape(g, -1),
         temperature=s.temperature,
         chunk_size=s.logp_chunk,
         remat=s.logp_remat,
     )
-    if per_response:
-        return logp, ent
-    both = gather_responses(jnp.stack([logp, ent], -1), batch.gather, s.batch_shards)
+    both = per_sequence(jnp.stack([logp, ent], -1).reshape(-1, 2), batch, shards, keep=1)
     return both[..., 0], both[..., 1]
 
 

@@ -3,9 +3,12 @@
 The policy pass and the update read sequences packed several to a row: each row holds
 whole sequences (prompt then response) back to back, marked by segment ids 1, 2, ... with
 positions restarting at 0, and attention stays within a segment. Nothing is padded to
-`max_prompt_len`; a row's tail after its last sequence is the only padding. Losses and
-metrics stay per sequence (`[N, R]`): `gather_responses` picks, for response token t of
-each sequence, the packed state that predicts it.
+`max_prompt_len`; a row's tail after its last sequence is the only padding.
+
+The LM head runs only where a response token is predicted: `head_positions` lists, per
+group, the packed positions whose next token is a response token, back to back (`M` of
+them, padded to a bucket), and `head_slots` `[N, R]` says where response token t of each
+sequence sits in that list. Losses and metrics stay per sequence, `[N, R]`.
 
 Rows are grouped so that every micro-batch, and every device's share of it, is a slice of
 the device's own rows (`device_order`, `split_rows`): the sequences of micro-batch g on
@@ -79,11 +82,12 @@ def pack(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The device layout of a rollout batch (`grpo.rollout_batch`) and its packing stats.
 
-    Returns the token fields `tokens`, `segment_ids`, `positions` `[rows, row_len]` and the
-    sequence fields `gather` `[N, R]` (row-major index into the group's rows of the state
-    predicting each response token), `response_mask`, `advantages`, `sampler_logp`, all in
-    device order; and `pad_fraction` (padding share of the packed tokens) and
-    `rows_per_micro_batch`.
+    Returns the token fields `tokens`, `segment_ids`, `positions` `[rows, row_len]`, the
+    head list `head_positions` `[groups * M]` (row-major index into the group's rows), and
+    the sequence fields `head_slots` `[N, R]` (index into the group's head list),
+    `response_mask`, `advantages`, `sampler_logp`, all in device order; and `pad_fraction`
+    (padding share of the packed tokens), `rows_per_micro_batch` and `head_fraction`
+    (response tokens / head list length).
     """
     tokens, plen = arrays["tokens"], arrays["prompt_lengths"]
     rlen = arrays["response_mask"].sum(axis=1).astype(np.int64)
@@ -101,11 +105,17 @@ def pack(
     step = max(1, per // ROW_BUCKETS)
     r = min(per, -(-max(len(v) for v in layouts.values()) // step) * step)
 
+    m_full = per * r_max
+    m_step = max(1, m_full // ROW_BUCKETS)
+    m = max(int(rlen[groups[d, g]].sum()) for d, g in layouts)
+    m = max(min(m_full, -(-m // m_step) * m_step), 1)
+
     shape = (shards, parts, r, row_len)
     packed = {k: np.zeros(shape, np.int32) for k in ("tokens", "segment_ids", "positions")}
-    gather = np.zeros((n, r_max), np.int32)
-    t = np.arange(r_max)
+    head = np.zeros((shards, parts, m), np.int32)
+    slots = np.zeros((n, r_max), np.int32)
     for (d, g), rows in layouts.items():
+        c = 0  # next free entry of the group's head list
         for j, row in enumerate(rows):
             offset = 0
             for k, i in enumerate(row):
@@ -113,25 +123,31 @@ def pack(
                 packed["tokens"][d, g, j, span] = tokens[i, : lengths[i]]
                 packed["segment_ids"][d, g, j, span] = k + 1
                 packed["positions"][d, g, j, span] = np.arange(lengths[i])
-                last = max(int(rlen[i]) - 1, 0)  # tokens past the response repeat its last
-                gather[i] = j * row_len + offset + plen[i] - 1 + np.minimum(t, last)
+                first = j * row_len + offset + plen[i] - 1  # predicts response token 0
+                head[d, g, c : c + rlen[i]] = first + np.arange(rlen[i])
+                slots[i, : rlen[i]] = c + np.arange(rlen[i])
+                c += rlen[i]
                 offset += lengths[i]
     order = device_order(n, micro_batch, shards)
     out = {k: v.reshape(-1, row_len) for k, v in packed.items()}
-    out["gather"] = gather[order]
+    out["head_positions"] = head.reshape(-1)
+    out["head_slots"] = slots[order]
     for key in ("response_mask", "advantages", "sampler_logp"):
         out[key] = arrays[key][order]
     stats = {
         "pad_fraction": float(1.0 - lengths.sum() / (shards * parts * r * row_len)),
         "rows_per_micro_batch": float(r * shards),
+        "head_fraction": float(rlen.sum() / (shards * parts * m)),
     }
     return out, stats
 
 
-def gather_responses(x: Array, index: Array, shards: int) -> Array:
-    """`x` `[rows, L, ...]` of one micro-batch -> `[n, R, ...]` at `index` `[n, R]`; each
-    device gathers from its own rows."""
-    flat = x.reshape(shards, -1, *x.shape[2:])  # [shards, rows/shards * L, ...]
-    idx = index.reshape(shards, -1, index.shape[-1])  # [shards, n/shards, R]
+def take_per_shard(x: Array, index: Array, shards: int, keep: int = 0) -> Array:
+    """`x[index]` within each device's share: `x` `[shards * a, ..., *F]` is flattened per
+    shard (all but its last `keep` dimensions), `index` `[shards * b, ...]` indexes it.
+    Returns `[shards * b, ..., *F]`: a local gather on every device."""
+    feat = x.shape[x.ndim - keep :] if keep else ()
+    flat = x.reshape(shards, -1, *feat)
+    idx = index.reshape(shards, -1, *index.shape[1:])
     out = jax.vmap(lambda a, i: a[i])(flat, idx)
     return out.reshape(-1, *out.shape[2:])

@@ -119,7 +119,7 @@ def _random_batch(cfg, n, prompt_len, resp_len, seed=0, micro_batch=None, pack=T
     )  # fmt: skip
     rng = np.random.RandomState(seed + 1)
     return grpo.Batch(
-        **{k: jnp.asarray(packed[k]) for k in ("tokens", "segment_ids", "positions", "gather")},
+        **{k: jnp.asarray(packed[k]) for k in grpo.Batch._fields[:5]},
         response_mask=jnp.asarray(packed["response_mask"]),
         advantages=jnp.asarray(packed["advantages"]),
         old_logp=jnp.asarray(-rng.rand(n, resp_len).astype(np.float32)),
