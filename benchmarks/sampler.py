@@ -26,13 +26,17 @@ Response lengths are forced per request, independently of the random weights: in
 engine with a per-request `SamplingParams.max_new_tokens`, in `transformers` with a
 per-row `StoppingCriteria` (a finished row keeps its place in the batch until the whole
 batch ends, as with EOS). Throughput counts the generated tokens of the forced lengths
-only, over the wall time of the whole rollout (prefill included), after a warm-up run that
-compiles every shape.
+only, over the wall time of the whole rollout (prefill included), after a warm-up run of
+every engine system on every workload that compiles every shape. Each engine row also
+counts its calls: prefill and insert calls, decode blocks (`generate_steps`) and host
+syncs (blocking `jax.device_get` fetches).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import tempfile
 import time
@@ -54,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--short-min", type=int, default=4)
     p.add_argument("--short-max", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=8, help="engine steps per host trip")
+    p.add_argument("--max-prefill-batch", type=int, default=16, help="prompts per prefill call")
     p.add_argument("--workloads", default="equal,longtail")
     p.add_argument("--systems", default="engine-continuous,engine-static,transformers")
     p.add_argument("--seed", type=int, default=0)
@@ -96,16 +101,54 @@ def workload_lengths(name: str, args) -> list[int]:
 # --------------------------------------------------------------------------- systems
 
 
-def run_engine(engine, prompts, lengths, continuous: bool, seed: int) -> tuple[int, float]:
+ENGINE_CALLS = ("prefill", "prefill_batch", "insert", "insert_batch", "generate_steps")
+
+
+@contextlib.contextmanager
+def counting_calls(engine):
+    """Count the engine's calls by name, and the host's blocking fetches as 'device_get'."""
+    counts: collections.Counter = collections.Counter()
+
+    def counted(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    device_get = jax.device_get
+    for name in ENGINE_CALLS:
+        setattr(engine, name, counted(name, getattr(engine, name)))
+    jax.device_get = counted("device_get", device_get)
+    try:
+        yield counts
+    finally:
+        jax.device_get = device_get
+        for name in ENGINE_CALLS:
+            delattr(engine, name)
+
+
+def run_engine(engine, prompts, lengths, continuous: bool, seed: int):
+    """Returns (generated tokens, seconds, call counts)."""
     from jaxrlvr.sampling import SamplingParams, generate, num_generated_tokens
 
     params = [SamplingParams(temperature=1.0, max_new_tokens=n, seed=seed) for n in lengths]
-    t0 = time.perf_counter()
-    out = generate(engine, prompts, params, continuous=continuous, progress=False)
-    dt = time.perf_counter() - t0
+    with counting_calls(engine) as counts:
+        t0 = time.perf_counter()
+        out = generate(engine, prompts, params, continuous=continuous, progress=False)
+        dt = time.perf_counter() - t0
     got = num_generated_tokens(out)
     assert got == sum(lengths), (got, sum(lengths))
-    return got, dt
+    return got, dt, counts
+
+
+def describe_calls(counts) -> str:
+    prefill = counts["prefill"] + counts["prefill_batch"]
+    insert = counts["insert"] + counts["insert_batch"]
+    return (
+        f"prefill {prefill}, insert {insert}, decode blocks {counts['generate_steps']}, "
+        f"host syncs {counts['device_get']}"
+    )
 
 
 def run_transformers(hf, prompts, lengths, slots: int, seed: int) -> tuple[int, float]:
@@ -157,6 +200,7 @@ def rollout_benchmark(args) -> None:
         max_prefill_length=args.prompt_len,
         max_target_length=args.prompt_len + args.max_new,
         decode_steps=args.decode_steps,
+        max_prefill_batch=args.max_prefill_batch,
     )
     hf = None
     if "transformers" in systems:
@@ -176,14 +220,17 @@ def rollout_benchmark(args) -> None:
     print(
         f"model {args.preset} x {cfg.num_hidden_layers} layers ({args.dtype}), "
         f"{jax.devices()[0].platform}, {os.cpu_count()} cpus; {args.requests} requests, "
-        f"{args.slots} slots, prompt {args.prompt_len}, max_new {args.max_new}"
+        f"{args.slots} slots, prompt {args.prompt_len}, max_new {args.max_new}, "
+        f"max_prefill_batch {args.max_prefill_batch}"
     )
-    # Warm-up: compile every shape (and let PyTorch settle) on a short rollout.
-    warm = [min(4, args.max_new)] * min(args.requests, 2 * args.slots)
-    run_engine(engine, prompts[: len(warm)], warm, True, args.seed)
-    run_engine(engine, prompts[: len(warm)], warm, False, args.seed)
+    # Warm-up: compile every shape of each schedule (and let PyTorch settle).
+    for wl in args.workloads.split(","):
+        for system, continuous in (("engine-continuous", True), ("engine-static", False)):
+            if system in systems:
+                run_engine(engine, prompts, workload_lengths(wl, args), continuous, args.seed)
     if hf is not None:
-        run_transformers(hf, prompts[: args.slots], warm[: args.slots], args.slots, args.seed)
+        warm = [min(4, args.max_new)] * args.slots
+        run_transformers(hf, prompts[: args.slots], warm, args.slots, args.seed)
 
     rows = []
     for wl in args.workloads.split(","):
@@ -191,16 +238,19 @@ def rollout_benchmark(args) -> None:
         best: dict[str, float] = {}
         for _ in range(args.repeats):  # round robin, so load changes hit every system
             for system in systems:
-                if system == "engine-continuous":
-                    n, dt = run_engine(engine, prompts, lengths, True, args.seed)
-                elif system == "engine-static":
-                    n, dt = run_engine(engine, prompts, lengths, False, args.seed)
+                calls = ""
+                if system in ("engine-continuous", "engine-static"):
+                    continuous = system == "engine-continuous"
+                    n, dt, counts = run_engine(engine, prompts, lengths, continuous, args.seed)
+                    calls = f" ({describe_calls(counts)})"
                 elif system == "transformers":
                     n, dt = run_transformers(hf, prompts, lengths, args.slots, args.seed)
                 else:
                     raise ValueError(f"unknown system {system!r}")
                 best[system] = max(best.get(system, 0.0), n / dt)
-                print(f"  {wl:9s} {system:18s} {n:6d} tokens {dt:8.2f} s {n / dt:9.1f} tok/s")
+                print(
+                    f"  {wl:9s} {system:18s} {n:6d} tokens {dt:8.2f} s {n / dt:9.1f} tok/s{calls}"
+                )
         rows.append((wl, lengths, best))
 
     print()

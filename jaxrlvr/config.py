@@ -75,6 +75,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.rollout.top_k = 0  # 0 = off
     c.rollout.max_new_tokens = 3072
     c.rollout.max_slots = 256  # concurrent sequences in the sampler's KV cache
+    c.rollout.max_prefill_batch = 16  # prompts per prefill call (one length bucket)
     c.rollout.backend = "engine"  # engine | jetstream
 
     c.algo = ml_collections.ConfigDict()
@@ -261,6 +262,7 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     need(r.max_slots >= 1, "rollout.max_slots", "must be >= 1")
+    need(r.max_prefill_batch >= 1, "rollout.max_prefill_batch", "must be >= 1")
     one_of("rollout.backend", ("engine", "jetstream"))
 
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -400,12 +402,14 @@ def model_numerics(config: ml_collections.ConfigDict) -> dict[str, object]:
 
 
 def engine_shape(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """The sampling engine's slots and lengths for a config (prompts padded to a power of 2)."""
+    """The sampling engine's slots, lengths (prompts padded to a power of 2) and prompts per
+    prefill call for a config."""
     prefill = max(16, 1 << (config.data.max_prompt_len - 1).bit_length())
     return dict(
         max_concurrent_decodes=config.rollout.max_slots,
         max_prefill_length=prefill,
         max_target_length=prefill + config.rollout.max_new_tokens,
+        max_prefill_batch=config.rollout.max_prefill_batch,
     )
 
 

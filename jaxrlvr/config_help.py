@@ -48,6 +48,7 @@ HELP: dict[str, str] = {
     "rollout.top_k": "top-k sampling; 0 = off",
     "rollout.max_new_tokens": "response budget (tokens)",
     "rollout.max_slots": "concurrent sequences in the sampler's KV cache",
+    "rollout.max_prefill_batch": "most prompts per prefill call (prompts of one length bucket)",
     "rollout.backend": "engine | jetstream",
     "algo.eps_low": "PPO lower clip: ratio >= 1 - eps_low",
     "algo.eps_high": "PPO upper clip: ratio <= 1 + eps_high (> eps_low is Clip-Higher)",

@@ -1,5 +1,6 @@
 """The sampling engine and rollout driver: exactness, scheduling, weight sync, errors."""
 
+import inspect
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from hf_reference import save_random_hf_checkpoint, tiny
 from jaxrlvr.models import load_hf_checkpoint
 from jaxrlvr.sampling import Completion, Engine, SamplingParams, generate
 from jaxrlvr.sampling import rollout as rollout_mod
+from jaxrlvr.sampling.engine import next_power_of_two
 from jaxrlvr.sampling.sample import filter_weights, inverse_cdf, sample_tokens
 from jaxrlvr.sharding import make_mesh, shard_model
 
@@ -225,6 +227,116 @@ def test_per_prompt_params(engine, prompts):
     params = [SamplingParams(temperature=0.0, max_new_tokens=m) for m in (1, 7, 3, 10, 2, 5)]
     out = generate(engine, prompts, params)
     assert [len(g[0].token_ids) for g in out] == [1, 7, 3, 10, 2, 5]
+
+
+# --------------------------------------------------------------------------- batched prefill
+
+
+def row_of(prefix, i, j):
+    """Row i, request j of a `prefill_batch` prefix as a one-prompt `Prefix`."""
+    return prefix._replace(
+        cache=jax.tree.map(lambda x: x[:, i : i + 1], prefix.cache),
+        logits=prefix.logits[i],
+        length=prefix.length[i],
+        token=prefix.token[i, j],
+        logprob=prefix.logprob[i, j],
+        request=jax.tree.map(lambda x: x[i, j], prefix.request),
+    )
+
+
+def test_prefill_batch_matches_single_prefills(engine, prompts):
+    """Per bucket (16: five prompts in 8 rows; 32: one row): caches, logits, first tokens and
+    log-probs of every request equal those of one-prompt prefills forked per request."""
+    for bucket in (16, 32):
+        group = [p for p in prompts if engine.bucket(len(p)) == bucket]
+        requests = [
+            [engine.make_request(k, temperature=t, top_p=0.9) for k, t in ((i, 1.0), (99, 0.0))]
+            for i in range(len(group))
+        ]
+        tokens, lengths = engine.pad_batch(group)
+        assert tokens.shape == (next_power_of_two(len(group)), bucket)
+        batch = engine.prefill_batch(
+            params=engine.params, padded_tokens=tokens, true_lengths=lengths, requests=requests
+        )
+        for i, (prompt, reqs) in enumerate(zip(group, requests, strict=True)):
+            padded, n = engine.pad(prompt)
+            one = engine.prefill(
+                params=engine.params, padded_tokens=padded, true_length=n, request=reqs[0]
+            )
+            for got, want in zip(batch.cache, one.cache, strict=True):  # [L, R, P, K, Dh]
+                np.testing.assert_allclose(got[:, i], want[:, 0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(batch.logits[i], one.logits, rtol=1e-5, atol=1e-5)
+            for j, forked in enumerate(engine.fork(one, reqs)):
+                assert int(batch.token[i, j]) == int(forked.token)
+                np.testing.assert_allclose(batch.logprob[i, j], forked.logprob, rtol=1e-5)
+    with pytest.raises(ValueError, match="row buckets"):
+        engine.prefill_batch(
+            params=engine.params, padded_tokens=np.zeros((3, 16)), true_lengths=[1] * 3
+        )
+
+
+def test_insert_batch_equals_single_inserts(engine, prompts):
+    group = prompts[:2]
+    requests = [[engine.make_request(s, temperature=1.0, max_new_tokens=5) for s in range(2)]] * 2
+    tokens, lengths = engine.pad_batch(group)
+    prefix = engine.prefill_batch(
+        params=engine.params, padded_tokens=tokens, true_lengths=lengths, requests=requests
+    )
+    slots, rows, samples = [2, 0], [1, 1], [1, 0]  # one prompt row into two slots
+    batched = engine.insert_batch(prefix, engine.init_decode_state(), slots, rows, samples)
+    single = engine.init_decode_state()
+    for slot, i, j in zip(slots, rows, samples, strict=True):
+        single = engine.insert(row_of(prefix, i, j), single, slot)
+    for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert np.asarray(batched.active).tolist() == [True, False, True]
+
+
+def count_calls(monkeypatch, eng, names=("prefill", "prefill_batch", "insert", "insert_batch")):
+    """Record the arguments (by parameter name) of the engine's calls, and host fetches."""
+    calls = {name: [] for name in (*names, "generate_steps", "device_get")}
+
+    def recording(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name].append(inspect.signature(fn).bind(*args, **kwargs).arguments)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in (*names, "generate_steps"):
+        monkeypatch.setattr(eng, name, recording(name, getattr(eng, name)))
+    monkeypatch.setattr(jax, "device_get", recording("device_get", jax.device_get))
+    return calls
+
+
+def test_rollout_prefills_in_batches(model, monkeypatch):
+    """16 prompts of one bucket, 8 per call: 2 prefill calls (not 16), the same samples as
+    one prompt per call, and one host fetch per decode block (plus the request keys)."""
+    rng = np.random.default_rng(3)
+    many = [rng.integers(0, CFG.vocab_size, size=n).tolist() for n in range(1, 17)]
+    sp = SamplingParams(n=2, temperature=1.0, max_new_tokens=MAX_NEW, seed=8)
+    one = generate(make_engine(model, max_prefill_batch=1), many, sp)
+    eng = make_engine(model, max_prefill_batch=8)
+    calls = count_calls(monkeypatch, eng)
+    out = generate(eng, many, sp)
+    assert [len(calls[name]) for name in ("prefill", "prefill_batch", "insert")] == [0, 2, 0]
+    assert len(calls["insert_batch"]) < len(many) * sp.n
+    assert len(calls["device_get"]) == len(calls["generate_steps"]) + 1
+    for a, b in zip(out, one, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.token_ids == y.token_ids
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+
+
+def test_continuous_batching_refills_several_slots_at_once(model, engine, prompts, monkeypatch):
+    """Requests 0 and 1 end at the same step: their slots get requests 3 and 4 in one insert."""
+    params = [SamplingParams(temperature=0.0, max_new_tokens=m) for m in (3, 3, 10, 6, 6, 6)]
+    calls = count_calls(monkeypatch, engine)
+    out = generate(engine, prompts, params)
+    inserted = [list(args["slots"]) for args in calls["insert_batch"]]
+    assert inserted == [[0, 1], [2], [0, 1], [0]]  # buckets 16 and 32 first, then refills
+    wide = generate(model, prompts, params, max_slots=len(prompts), mesh=ONE_DEVICE)
+    assert [g[0].token_ids for g in out] == [g[0].token_ids for g in wide]
 
 
 # --------------------------------------------------------------------------- weight sync

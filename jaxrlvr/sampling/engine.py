@@ -12,6 +12,10 @@ The engine follows the contract of `jetstream.engine.engine_api.Engine` (see
   runs up to `decode_steps` of them in one compiled loop (one host round trip), stopping
   early once `refill_at` slots have finished so that a driver can refill them promptly.
 
+Beyond the contract, `prefill_batch` runs R prompts of one length bucket in one call (R
+itself bucketed) and samples the first token of each of their requests (n per prompt: a
+GRPO group), and `insert_batch` puts any k of those requests into k slots in one call.
+
 The hot functions are pure functions of `(graphdef, params, ...)`, jit-compiled once per
 model architecture and shape (shared by every engine over an equal `graphdef`) with the
 decode state donated. The engine keeps its own copy of the weights in the model's compute
@@ -61,7 +65,11 @@ class RequestParams(NamedTuple):
 
 
 class Prefix(NamedTuple):
-    """The result of `prefill`: a prompt's KV cache and its first sampled token."""
+    """The result of `prefill`: a prompt's KV cache and its first sampled token.
+
+    `prefill_batch` returns one of R prompts with n requests each: cache `[L, R, P, K, Dh]`,
+    logits `[R, V]`, length `[R]`, token and logprob `[R, n]`, request fields `[R, n, ...]`.
+    """
 
     cache: KVCache  # [L, 1, P, K, Dh]
     logits: Array  # [V] float32: next-token logits after the prompt
@@ -126,10 +134,21 @@ def validate_sampling(
 
 
 DECODE_STEPS = 8  # decode steps per `generate_steps` call (per host round trip), by default
+MAX_PREFILL_BATCH = 16  # prompts per `prefill_batch` call, by default
 
 
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """The powers of two from `smallest` (rounded up) below `largest`, then `largest`: the
+    sizes an axis is padded to, so that a function compiles once per bucket."""
+    out, b = [], min(next_power_of_two(smallest), largest)
+    while b < largest:
+        out.append(b)
+        b *= 2
+    return (*out, largest)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -140,26 +159,39 @@ def _in_stop(tokens: Array, stop_ids: Array) -> Array:
     return jnp.any((tokens[..., None] == stop_ids) & (stop_ids >= 0), axis=-1)
 
 
+def _prefill_batch(graphdef, params, tokens, lengths, requests: RequestParams) -> Prefix:
+    """R prompts in one call -> a `Prefix` of R rows with every request's first token.
+
+    tokens `[R, P]` right-padded, lengths `[R]`, requests fields `[R, n, ...]`: request
+    (i, j) draws its first token from prompt i's logits with the key `fold_in(key, 0)`.
+    """
+    model: Qwen2 = nnx.merge(graphdef, params)
+    r, p = tokens.shape
+    n = requests.temperature.shape[1]
+    cache = init_cache(model.config, r, p)
+    hidden, cache = model.hidden_states(
+        tokens, cache=cache, cache_index=jnp.zeros((r,), jnp.int32)
+    )  # [R, P, D]
+    last = hidden[jnp.arange(r), lengths - 1]  # [R, D]
+    logits = model.logits(last[:, None])[:, 0]  # [R, V]
+    flat = jax.tree.map(lambda x: x.reshape(r * n, *x.shape[2:]), requests)  # [R n, ...]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(flat.key, 0)
+    # A gather, not `jnp.repeat`: XLA:CPU takes minutes to compile the sampler after a
+    # repeat for some shapes (e.g. [4, 24] -> [8, 24]).
+    per_request = logits[jnp.arange(r * n) // n]  # [R n, V]
+    tok, lp = sample_tokens(per_request, keys, flat.temperature, flat.top_p, flat.top_k)
+    # What the host reads back is whole on every device (and so on every process).
+    first = replicate((tok.reshape(r, n), lp.reshape(r, n)))
+    return Prefix(cache, logits, lengths, *first, requests)
+
+
 def _prefill(graphdef, params, tokens, true_length, request):
     """tokens `[1, P]` right-padded, true_length `[]` -> `Prefix` (first token sampled)."""
-    model: Qwen2 = nnx.merge(graphdef, params)
-    p = tokens.shape[1]
-    cache = init_cache(model.config, 1, p)
-    hidden, cache = model.hidden_states(
-        tokens, cache=cache, cache_index=jnp.zeros((1,), jnp.int32)
-    )  # [1, P, D]
-    last = jax.lax.dynamic_slice_in_dim(hidden, true_length - 1, 1, axis=1)  # [1, 1, D]
-    logits = model.logits(last)[0, 0]  # [V]
-    key = jax.random.fold_in(request.key, 0)
-    tok, lp = sample_tokens(
-        logits[None],
-        key[None],
-        request.temperature[None],
-        request.top_p[None],
-        request.top_k[None],
+    one = _prefill_batch(
+        graphdef, params, tokens, true_length[None], jax.tree.map(lambda x: x[None, None], request)
     )
-    # What the host reads back is whole on every device (and so on every process).
-    return Prefix(cache, logits, true_length, replicate(tok[0]), replicate(lp[0]), request)
+    token, logprob = one.token[0, 0], one.logprob[0, 0]
+    return Prefix(one.cache, one.logits[0], true_length, token, logprob, request)
 
 
 def _first_tokens(logits, requests: RequestParams):
@@ -176,36 +208,61 @@ def _first_tokens(logits, requests: RequestParams):
     return replicate(tokens), replicate(logprobs)
 
 
-def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
-    """Copy `prefix` into slot `slot` (a traced int) of the decode state."""
-    s = state.cache.max_length
+def _insert_batch(prefix: Prefix, state: DecodeState, slots, rows, samples) -> DecodeState:
+    """Put request (rows[i], samples[i]) of a batched `prefix` into slot slots[i].
 
-    def put(c, p):  # c [L, B, S, K, Dh], p [L, 1, P, K, Dh]
-        return jax.lax.dynamic_update_slice(c, p.astype(c.dtype), (0, slot, 0, 0, 0))
+    slots, rows, samples `[K]`; slots >= B are padding, placed last, and write nothing.
+    The cache rows are copied one by one into the donated cache (no `[L, K, P, K, Dh]`
+    gather is built: a prompt row may fill several slots).
+    """
+    b, s = state.tokens.shape[0], state.cache.max_length
 
-    cache = KVCache(put(state.cache.k, prefix.cache.k), put(state.cache.v, prefix.cache.v))
-    r = prefix.request
-    stop_ids = jnp.asarray(r.stop_ids, jnp.int32)
+    def copy(i, cache):
+        def put(c, p):  # c [L, B, S, K, Dh], p [L, R, P, K, Dh]
+            row = jax.lax.dynamic_slice_in_dim(p, rows[i], 1, axis=1)
+            return jax.lax.dynamic_update_slice(c, row.astype(c.dtype), (0, slots[i], 0, 0, 0))
+
+        return KVCache(put(cache.k, prefix.cache.k), put(cache.v, prefix.cache.v))
+
+    cache = jax.lax.fori_loop(0, jnp.sum(slots < b), copy, state.cache)
+
+    def pick(x):  # [R, n, ...] -> [K, ...]
+        return x[rows, samples]
+
+    r = jax.tree.map(pick, prefix.request)
+    token, length = pick(prefix.token), prefix.length[rows]
     # Finished at its first token: a stop token, a budget of one, or no room to feed it.
-    done = _in_stop(prefix.token, stop_ids) | (r.max_new_tokens <= 1) | (prefix.length >= s)
+    done = _in_stop(token, r.stop_ids) | (r.max_new_tokens <= 1) | (length >= s)
 
     def set_(arr, value):
-        return arr.at[slot].set(jnp.asarray(value, arr.dtype))
+        return arr.at[slots].set(jnp.asarray(value, arr.dtype), mode="drop")
 
     return DecodeState(
         cache=cache,
-        tokens=set_(state.tokens, prefix.token),
-        pos=set_(state.pos, prefix.length),
+        tokens=set_(state.tokens, token),
+        pos=set_(state.pos, length),
         num_generated=set_(state.num_generated, 1),
         active=set_(state.active, ~done),
-        logprobs=set_(state.logprobs, prefix.logprob),
+        logprobs=set_(state.logprobs, pick(prefix.logprob)),
         keys=set_(state.keys, r.key),
         temperature=set_(state.temperature, r.temperature),
         top_p=set_(state.top_p, r.top_p),
         top_k=set_(state.top_k, r.top_k),
         max_new_tokens=set_(state.max_new_tokens, r.max_new_tokens),
-        stop_ids=set_(state.stop_ids, stop_ids),
+        stop_ids=set_(state.stop_ids, r.stop_ids),
     )
+
+
+def _insert(prefix: Prefix, state: DecodeState, slot) -> DecodeState:
+    """Copy `prefix` (one prompt, one request) into slot `slot` (a traced int)."""
+    rows = prefix._replace(
+        length=jnp.reshape(prefix.length, (1,)),
+        token=jnp.reshape(prefix.token, (1, 1)),
+        logprob=jnp.reshape(prefix.logprob, (1, 1)),
+        request=jax.tree.map(lambda x: jnp.asarray(x)[None, None], prefix.request),
+    )
+    zero = jnp.zeros((1,), jnp.int32)
+    return _insert_batch(rows, state, jnp.reshape(slot, (1,)), zero, zero)
 
 
 def _decode_step(model: Qwen2, state: DecodeState) -> tuple[DecodeState, tuple[Array, ...]]:
@@ -293,8 +350,10 @@ def _init_jit(cfg, b: int, s: int, ns: int, cache_dtype, shardings: DecodeState)
 
 class _Compiled(NamedTuple):
     prefill: Any
+    prefill_batch: Any
     first_tokens: Any
     insert: Any
+    insert_batch: Any
     generate: Any
 
 
@@ -316,8 +375,10 @@ def _compiled(graphdef) -> _Compiled:
     """Jitted hot functions for one model architecture, shared by all its engines."""
     return _Compiled(
         prefill=jax.jit(_sampler_rules(functools.partial(_prefill, graphdef))),
+        prefill_batch=jax.jit(_sampler_rules(functools.partial(_prefill_batch, graphdef))),
         first_tokens=jax.jit(_first_tokens),
         insert=jax.jit(_sampler_rules(_insert), donate_argnums=(1,)),
+        insert_batch=jax.jit(_sampler_rules(_insert_batch), donate_argnums=(1,)),
         generate=jax.jit(
             _sampler_rules(functools.partial(_generate, graphdef)),
             static_argnums=(3,),
@@ -347,6 +408,9 @@ class Engine:
       max_target_length: KV-cache positions S per slot (prompt + generated tokens);
         default `max_prefill_length + 1024`.
       decode_steps: decode steps per `generate_steps` call (per host round trip).
+      min_prefill_bucket: the smallest prefill bucket.
+      max_prefill_batch: most prompts per `prefill_batch` call; calls are padded to a
+        power-of-two number of rows up to this.
       max_stop_tokens: capacity of the per-slot stop-token list.
       cache_dtype: KV-cache dtype (default: the model's compute dtype).
       param_dtype: dtype of the engine's copy of the weights (default: the model's compute
@@ -363,6 +427,7 @@ class Engine:
         max_target_length: int | None = None,
         decode_steps: int = DECODE_STEPS,
         min_prefill_bucket: int = 16,
+        max_prefill_batch: int = MAX_PREFILL_BATCH,
         max_stop_tokens: int = 8,
         cache_dtype: Any = None,
         param_dtype: Any = None,
@@ -375,6 +440,7 @@ class Engine:
         positive("max_prefill_length", max_prefill_length)
         positive("decode_steps", decode_steps)
         positive("min_prefill_bucket", min_prefill_bucket)
+        positive("max_prefill_batch", max_prefill_batch)
         positive("max_stop_tokens", max_stop_tokens)
         if max_target_length is None:
             max_target_length = max_prefill_length + 1024
@@ -395,11 +461,10 @@ class Engine:
         self.decode_steps = int(decode_steps)
         self.max_stop_tokens = int(max_stop_tokens)
         self._cache_dtype = cache_dtype
-        buckets, b = [], min(next_power_of_two(min_prefill_bucket), self._max_prefill)
-        while b < self._max_prefill:
-            buckets.append(b)
-            b *= 2
-        self.prefill_buckets: tuple[int, ...] = (*buckets, self._max_prefill)
+        self.max_prefill_batch = int(max_prefill_batch)
+        self.prefill_buckets = buckets(min_prefill_bucket, self._max_prefill)  # prompt lengths
+        self.row_buckets = buckets(1, self.max_prefill_batch)  # prompts per prefill_batch
+        self._insert_buckets = buckets(1, self._slots)  # requests per insert_batch
         self.param_dtype = as_dtype(model.config.dtype if param_dtype is None else param_dtype)
         self._param_shardings = sampler_param_shardings(params, self._mesh)
         self._param_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -474,11 +539,7 @@ class Engine:
             raise NotImplementedError("prefill with an existing_prefix is not supported")
         tokens = np.asarray(padded_tokens, np.int32).reshape(1, -1)
         p = tokens.shape[1]
-        if p not in self.prefill_buckets:
-            raise ValueError(
-                f"padded_tokens has length {p}; expected one of the prefill buckets "
-                f"{self.prefill_buckets} (use Engine.pad)"
-            )
+        self._check_bucket(p)
         _check(0 < int(true_length) <= p, "true_length", true_length, f"must be in [1, {p}]")
         request = self.make_request() if request is None else request
         with jax.set_mesh(self._mesh):
@@ -506,6 +567,95 @@ class Engine:
         return None
 
     # -- beyond the contract ---------------------------------------------------------
+
+    def prefill_batch(
+        self,
+        *,
+        params: Params,
+        padded_tokens: Any,
+        true_lengths: Any,
+        requests: Sequence[Sequence[RequestParams]] | None = None,
+    ) -> Prefix:
+        """Run R prompts of one bucket in one call and sample their requests' first tokens.
+
+        `padded_tokens` is `[R, P]` (right-padded, R a row bucket: see `pad_batch`).
+        `requests[i]` lists the requests that continue prompt i (e.g. its n samples), each
+        from `make_request`; missing rows and entries are greedy fillers. Returns a `Prefix`
+        of R rows (shapes in its docstring), n = the most requests of a row rounded up to a
+        power of two.
+        """
+        tokens = np.asarray(padded_tokens, np.int32)
+        _check(tokens.ndim == 2, "padded_tokens", tokens.shape, "must be [rows, length]")
+        r, p = tokens.shape
+        self._check_bucket(p)
+        if r not in self.row_buckets:
+            raise ValueError(
+                f"padded_tokens has {r} rows; expected one of the row buckets "
+                f"{self.row_buckets} (use Engine.pad_batch)"
+            )
+        lengths = np.asarray(true_lengths, np.int32)
+        _check(
+            lengths.shape == (r,) and bool(np.all((lengths >= 1) & (lengths <= p))),
+            "true_lengths",
+            true_lengths,
+            f"must be {r} lengths in [1, {p}]",
+        )
+        rows = [] if requests is None else [list(q) for q in requests]
+        _check(len(rows) <= r, "requests", len(rows), f"must list at most {r} rows")
+        n = next_power_of_two(max(map(len, rows), default=1))
+        fill = self.make_request()
+        grid = [q + [fill] * (n - len(q)) for q in rows] + [[fill] * n] * (r - len(rows))
+        flat = [q for row in grid for q in row]  # [R n] requests, row-major
+        stacked = RequestParams(
+            *(np.stack(f).reshape(r, n, *np.shape(f[0])) for f in zip(*flat, strict=True))
+        )
+        with jax.set_mesh(self._mesh):
+            return self._fns.prefill_batch(params, tokens, lengths, stacked)
+
+    def insert_batch(
+        self,
+        prefix: Prefix,
+        decode_state: DecodeState,
+        slots: Sequence[int],
+        rows: Sequence[int],
+        samples: Sequence[int] | None = None,
+    ) -> DecodeState:
+        """Put request (`rows[i]`, `samples[i]`) of a `prefill_batch` prefix into slot
+        `slots[i]` for every i, in one call (default sample 0). Slots must be distinct.
+
+        The decode state is donated: use the returned one.
+        """
+        slots, rows = np.asarray(slots, np.int32), np.asarray(rows, np.int32)
+        samples = np.zeros_like(rows) if samples is None else np.asarray(samples, np.int32)
+        _check(
+            slots.ndim == 1 and slots.shape == rows.shape == samples.shape,
+            "slots",
+            slots,
+            "slots, rows and samples must be lists of ints of one length",
+        )
+        k = slots.size
+        if k == 0:
+            return decode_state
+        r, n = np.shape(prefix.token)
+        _check(
+            bool(np.all((slots >= 0) & (slots < self._slots))) and len(set(slots.tolist())) == k,
+            "slots",
+            slots,
+            f"must be distinct, in [0, {self._slots})",
+        )
+        _check(bool(np.all((rows >= 0) & (rows < r))), "rows", rows, f"must be in [0, {r})")
+        _check(
+            bool(np.all((samples >= 0) & (samples < n))), "samples", samples, f"must be in [0, {n})"
+        )
+        size = next(b for b in self._insert_buckets if b >= k)
+
+        def pad(x, value):  # [k] -> [size]
+            return np.pad(x, (0, size - k), constant_values=value)
+
+        with jax.set_mesh(self._mesh):
+            return self._fns.insert_batch(
+                prefix, decode_state, pad(slots, self._slots), pad(rows, 0), pad(samples, 0)
+            )
 
     def generate_steps(
         self,
@@ -620,7 +770,31 @@ class Engine:
         out[:n] = prompt
         return out, n
 
+    def pad_batch(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts as `prefill_batch` takes them: `([R, P] int32, true lengths [R])`, right-
+        padded to the bucket of the longest, with one-token filler rows up to a row bucket."""
+        _check(
+            0 < len(prompts) <= self.max_prefill_batch,
+            "number of prompts",
+            len(prompts),
+            f"must be in [1, max_prefill_batch={self.max_prefill_batch}]",
+        )
+        rows = next(b for b in self.row_buckets if b >= len(prompts))
+        tokens = np.zeros((rows, self.bucket(max(map(len, prompts)))), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = prompt
+            lengths[i] = len(prompt)
+        return tokens, lengths
+
     # -- internals -------------------------------------------------------------------
+
+    def _check_bucket(self, length: int) -> None:
+        if length not in self.prefill_buckets:
+            raise ValueError(
+                f"padded_tokens has length {length}; expected one of the prefill buckets "
+                f"{self.prefill_buckets} (use Engine.pad)"
+            )
 
 
 def decode_state_layout(

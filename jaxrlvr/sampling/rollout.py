@@ -2,11 +2,15 @@
 
 `generate(model, prompts, params, max_slots=...)` returns, per prompt, `params.n`
 `Completion`s. Requests are the (prompt, sample) pairs in order; the `n` samples of a
-prompt share one prefill (its prefix is forked and inserted `n` times). With continuous
-batching a slot is refilled as soon as its sequence finishes: the compiled decode loop
-returns to the host once a slot frees up (and at the latest after `decode_steps` steps)
-while requests are waiting. With `continuous=False` (static batching, for comparison) a
-new batch starts only when every slot of the previous one has finished.
+prompt share one prefill. Prompts are prefilled in batches of one length bucket (the
+prompt a refill needs and the next ones of its bucket, up to `max_prefill_batch`), and the
+requests that get free slots together are inserted with one call per prefill batch. With
+continuous batching a slot is refilled as soon as its sequence finishes: the compiled
+decode loop returns to the host once a slot frees up (and at the latest after
+`decode_steps` steps) while requests are waiting. Each decode block costs one host sync,
+which also reads the first tokens of the requests inserted before it. With
+`continuous=False` (static batching, for comparison) a new batch starts only when every
+slot of the previous one has finished.
 
 Request (i, j) (prompt i, sample j) draws its t-th token with the key
 `fold_in(fold_in(fold_in(PRNGKey(seed), i), j), t)`: outputs depend on the seed only, not
@@ -18,7 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +32,9 @@ from tqdm.auto import tqdm
 
 from jaxrlvr.models.qwen2 import Qwen2
 from jaxrlvr.sampling.engine import (
+    MAX_PREFILL_BATCH,
     Engine,
     Prefix,
-    StepResult,
     next_power_of_two,
     validate_sampling,
 )
@@ -126,40 +130,137 @@ def _request_keys(seed_keys, prompt_idx, sample_idx):
 # --------------------------------------------------------------------------- driver
 
 
-class _Backend:
-    """The engine calls the driver makes; `jetstream` goes through the adapter."""
+class _Batch:
+    """One `prefill_batch` call: its device prefix and, once read, its first tokens."""
 
-    def __init__(self, engine: Engine, backend: str):
-        self.engine = engine
-        self.adapter = None
-        if backend == "jetstream":
-            from jaxrlvr.sampling.jetstream import JetStreamAdapter
+    def __init__(self, prefix: Prefix):
+        self.prefix = prefix
+        self.first: tuple[np.ndarray, np.ndarray] | None = None  # tokens, logprobs [R, n]
 
-            self.adapter = JetStreamAdapter(engine)
-        elif backend != "native":
-            raise ValueError(f"backend={backend!r}: expected 'native' or 'jetstream'")
 
-    def prefill(self, params, padded, n, request) -> Prefix:
-        if self.adapter is None:
-            return self.engine.prefill(
-                params=params, padded_tokens=padded, true_length=n, request=request
-            )
-        return self.adapter.prefill_prefix(
-            params=params, padded_tokens=padded, true_length=n, request=request
+class _Placed(NamedTuple):
+    """A request inserted into a slot from row `row`, sample `sample` of `batch`."""
+
+    slot: int
+    request: int
+    batch: _Batch
+    row: int
+    sample: int
+
+
+class _Native:
+    """The engine's batched calls: the prompts of one bucket are prefilled together (the
+    prompt needed now and the next ones of its bucket, up to `max_prefill_batch`), the
+    requests given slots in one refill are inserted with one call per prefill batch, and
+    their first tokens are read with the next decode block (one host sync per block)."""
+
+    def __init__(self, rollout: _Rollout):
+        self.rollout, self.engine = rollout, rollout.engine
+        # Prompts not prefilled yet, per bucket, in request order.
+        self.unfilled: dict[int, collections.deque[int]] = collections.defaultdict(
+            collections.deque
         )
+        for i, prompt in enumerate(rollout.prompts):
+            self.unfilled[self.engine.bucket(len(prompt))].append(i)
+        self.where: dict[int, tuple[_Batch, int]] = {}  # prompt -> (its batch, row)
+        self.pending: list[_Placed] = []  # inserted; first tokens not read yet
 
-    def insert(self, prefix, state, slot):
-        return (self.adapter or self.engine).insert(prefix, state, slot)
+    def _prefill(self, bucket: int) -> None:
+        """Prefill the next prompts of `bucket`. Requests are served in order, so the prompt
+        a refill needs is always the head of its bucket's queue."""
+        ro, eng = self.rollout, self.engine
+        queue = self.unfilled[bucket]
+        ids = [queue.popleft() for _ in range(min(len(queue), eng.max_prefill_batch))]
+        tokens, lengths = eng.pad_batch([ro.prompts[i] for i in ids])
+        requests = [[ro.request_params(r) for r in ro.requests_of(i)] for i in ids]
+        prefix = eng.prefill_batch(
+            params=eng.params, padded_tokens=tokens, true_lengths=lengths, requests=requests
+        )
+        batch = _Batch(prefix)
+        self.where.update((i, (batch, row)) for row, i in enumerate(ids))
 
-    def step(self, params, state, refill_at: int) -> tuple[Any, StepResult]:
-        """Decode; returns the state and a host (numpy) `StepResult`."""
-        if self.adapter is None:
-            state, res = self.engine.generate_steps(params, state, refill_at=refill_at)
-            res = jax.device_get(res)
-            k = int(res.num_steps)
-            return state, StepResult(*(a[:k] for a in res[:4]), num_steps=k)
-        state, result_tokens = self.adapter.generate(params, state)
-        return state, self.adapter.step_result(result_tokens)
+    def refill(self, state, todo: list[tuple[int, int]]):
+        """Insert request r into slot s for each (s, r) of `todo`."""
+        ro = self.rollout
+        for _, r in todo:
+            i = ro.requests[r][0]
+            if i not in self.where:
+                self._prefill(self.engine.bucket(len(ro.prompts[i])))
+        groups: dict[int, list[_Placed]] = {}  # by prefill batch: one insert each
+        for slot, r in todo:
+            i, j = ro.requests[r]
+            batch, row = self.where[i]
+            groups.setdefault(id(batch), []).append(_Placed(slot, r, batch, row, j))
+            if j == ro.per_prompt[i].n - 1:  # its last sample: the row is used up
+                del self.where[i]
+        for group in groups.values():
+            state = self.engine.insert_batch(
+                group[0].batch.prefix,
+                state,
+                slots=[p.slot for p in group],
+                rows=[p.row for p in group],
+                samples=[p.sample for p in group],
+            )
+            self.pending += group
+        return state
+
+    def step(self, state, refill_at: int):
+        """Decode a block; returns the state, the first tokens of the requests inserted
+        since the last step as (slot, request, token, logprob), and a host `StepResult`."""
+        eng = self.engine
+        state, res = eng.generate_steps(eng.params, state, refill_at=refill_at)
+        batches = {id(p.batch): p.batch for p in self.pending if p.batch.first is None}
+        unread = list(batches.values())  # one host sync: the block and these first tokens
+        res, firsts = jax.device_get((res, [(b.prefix.token, b.prefix.logprob) for b in unread]))
+        for batch, first in zip(unread, firsts, strict=True):
+            batch.first = first
+        out = [
+            (p.slot, p.request, *(a[p.row, p.sample] for a in p.batch.first)) for p in self.pending
+        ]
+        self.pending = []
+        return state, out, res
+
+
+class _JetStream:
+    """Through the JetStream adapter: one prompt per prefill (forked for its n samples),
+    one slot per insert, one decode step per generate."""
+
+    def __init__(self, rollout: _Rollout):
+        from jaxrlvr.sampling.jetstream import JetStreamAdapter
+
+        self.rollout, self.engine = rollout, rollout.engine
+        self.adapter = JetStreamAdapter(rollout.engine)
+        self.prefixes: dict[int, collections.deque[Prefix]] = {}
+        self.pending: list[tuple[int, int, Any, Any]] = []  # slot, request, token, logprob
+
+    def _prefix(self, r: int) -> Prefix:
+        """The prefix of request r: its prompt is prefilled once, forked for all samples."""
+        ro, eng = self.rollout, self.engine
+        i = ro.requests[r][0]
+        if i not in self.prefixes:
+            reqs = [ro.request_params(q) for q in ro.requests_of(i)]
+            padded, n = eng.pad(ro.prompts[i])
+            base = self.adapter.prefill_prefix(
+                params=eng.params, padded_tokens=padded, true_length=n, request=reqs[0]
+            )
+            self.prefixes[i] = collections.deque(eng.fork(base, reqs))
+        queue = self.prefixes[i]
+        prefix = queue.popleft()
+        if not queue:
+            del self.prefixes[i]
+        return prefix
+
+    def refill(self, state, todo: list[tuple[int, int]]):
+        for slot, r in todo:
+            prefix = self._prefix(r)
+            state = self.adapter.insert(prefix, state, slot)
+            self.pending.append((slot, r, prefix.token, prefix.logprob))
+        return state
+
+    def step(self, state, refill_at: int):
+        state, result_tokens = self.adapter.generate(self.engine.params, state)
+        out, self.pending = self.pending, []
+        return state, out, self.adapter.step_result(result_tokens)
 
 
 def generate(
@@ -171,6 +272,7 @@ def generate(
     max_prefill_length: int | None = None,
     max_target_length: int | None = None,
     decode_steps: int = 8,
+    max_prefill_batch: int = MAX_PREFILL_BATCH,
     continuous: bool = True,
     backend: Literal["native", "jetstream"] = "native",
     progress: bool | None = None,
@@ -189,6 +291,7 @@ def generate(
       max_target_length: KV-cache positions per slot (default: max_prefill_length +
         the largest max_new_tokens).
       decode_steps: decode steps per host round trip.
+      max_prefill_batch: most prompts per prefill call.
       continuous: refill freed slots at once (False: static batches, for benchmarks).
       backend: "native", or "jetstream" to drive the engine through the JetStream adapter
         (one step per call; same tokens).
@@ -223,6 +326,7 @@ def generate(
             max_prefill_length=max_prefill_length,
             max_target_length=max_target_length,
             decode_steps=decode_steps,
+            max_prefill_batch=max_prefill_batch,
             max_stop_tokens=max(8, next_power_of_two(max_stop)),
             mesh=mesh,
         )
@@ -237,19 +341,20 @@ def generate(
                 f"prompts[{i}]: {len(p)} prompt tokens + max_new_tokens={sp.max_new_tokens} "
                 f"do not fit max_target_length={engine.max_target_length}"
             )
-    return _Rollout(engine, _Backend(engine, backend), prompts, per_prompt).run(
-        continuous=continuous, progress=progress
+    return _Rollout(engine, prompts, per_prompt).run(
+        backend, continuous=continuous, progress=progress
     )
 
 
 class _Rollout:
     """Host-side scheduling of one `generate` call."""
 
-    def __init__(self, engine: Engine, backend: _Backend, prompts, per_prompt):
-        self.engine, self.backend = engine, backend
+    def __init__(self, engine: Engine, prompts, per_prompt):
+        self.engine = engine
         self.prompts, self.per_prompt = prompts, per_prompt
-        # Requests in order: (prompt i, sample j).
+        # Requests in order: (prompt i, sample j); prompt i's are first[i] ... first[i+1]-1.
         self.requests = [(i, j) for i, sp in enumerate(per_prompt) for j in range(sp.n)]
+        self.first = np.cumsum([0] + [sp.n for sp in per_prompt])
         seeds = {sp.seed for sp in per_prompt}
         seed_key = {s: np.asarray(jax.random.PRNGKey(s)) for s in seeds}
         idx = np.asarray(self.requests, np.int32).reshape(-1, 2)
@@ -258,49 +363,39 @@ class _Rollout:
             jnp.asarray(idx[:, 0]),
             jnp.asarray(idx[:, 1]),
         )
-        self.keys = np.asarray(keys)  # [N, 2]
+        self.keys = jax.device_get(keys)  # [N, 2]
         self.tokens: list[list[int]] = [[] for _ in self.requests]
         self.logprobs: list[list[float]] = [[] for _ in self.requests]
         self.reason: list[str | None] = [None] * len(self.requests)
-        self._prefixes: dict[int, collections.deque[Prefix]] = {}
 
-    def _prefix(self, r: int) -> Prefix:
-        """The prefix of request r: its prompt is prefilled once, forked for all samples."""
-        i, j = self.requests[r]
-        if i not in self._prefixes:
-            r0 = r - j  # request of sample 0 of this prompt
-            sp = self.per_prompt[i]
-            eng = self.engine
-            reqs = [
-                eng.make_request(
-                    self.keys[r0 + s],
-                    temperature=sp.temperature,
-                    top_p=sp.top_p,
-                    top_k=sp.top_k,
-                    max_new_tokens=sp.max_new_tokens,
-                    stop_token_ids=sp.stop_token_ids,
-                )
-                for s in range(sp.n)
-            ]
-            padded, n = eng.pad(self.prompts[i])
-            base = self.backend.prefill(eng.params, padded, n, reqs[0])
-            self._prefixes[i] = collections.deque(eng.fork(base, reqs))
-        q = self._prefixes[i]
-        prefix = q.popleft()
-        if not q:
-            del self._prefixes[i]
-        return prefix
+    def requests_of(self, i: int) -> range:
+        """The requests (samples) of prompt i."""
+        return range(self.first[i], self.first[i + 1])
 
-    def _emit(self, r: int, token: int, logprob: float, done: bool) -> bool:
-        self.tokens[r].append(int(token))
-        self.logprobs[r].append(float(logprob))
+    def request_params(self, r: int):
+        """The engine's `RequestParams` of request r."""
+        sp = self.per_prompt[self.requests[r][0]]
+        return self.engine.make_request(
+            self.keys[r],
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            max_new_tokens=sp.max_new_tokens,
+            stop_token_ids=sp.stop_token_ids,
+        )
+
+    def _emit(self, r: int, tokens, logprobs, done: bool) -> bool:
+        """Append tokens `[m]` (and their log-probs) to request r; returns `done`."""
+        self.tokens[r] += np.asarray(tokens).tolist()
+        self.logprobs[r] += np.asarray(logprobs, np.float64).tolist()
         if done:
             sp = self.per_prompt[self.requests[r][0]]
-            self.reason[r] = "stop" if int(token) in sp.stop_token_ids else "length"
+            self.reason[r] = "stop" if self.tokens[r][-1] in sp.stop_token_ids else "length"
         return done
 
-    def run(self, *, continuous: bool, progress: bool | None) -> list[list[Completion]]:
-        eng, backend = self.engine, self.backend
+    def run(self, backend: str, *, continuous: bool, progress: bool | None):
+        eng = self.engine
+        driver = _Native(self) if backend == "native" else _JetStream(self)
         slots = eng.max_concurrent_decodes
         owner: list[int | None] = [None] * slots  # request index per slot
         queue = collections.deque(range(len(self.requests)))
@@ -312,32 +407,33 @@ class _Rollout:
             leave=False,
             disable=None if progress is None else not progress,
         )
+
+        def emit(slot: int, tokens, logprobs, done: bool) -> None:
+            if self._emit(owner[slot], tokens, logprobs, done):
+                owner[slot] = None
+                bar.update(1)
+
         try:
             while queue or any(o is not None for o in owner):
                 if continuous or all(o is None for o in owner):
-                    for slot in range(slots):
-                        while owner[slot] is None and queue:
-                            r = queue.popleft()
-                            prefix = self._prefix(r)
-                            sp = self.per_prompt[self.requests[r][0]]
-                            tok = int(prefix.token)
-                            first_done = sp.max_new_tokens <= 1 or tok in sp.stop_token_ids
-                            self._emit(r, tok, prefix.logprob, first_done)
-                            if first_done:
-                                bar.update(1)
-                                continue
-                            state = backend.insert(prefix, state, slot)
-                            owner[slot] = r
-                if all(o is None for o in owner):
-                    continue
+                    free = [s for s, o in enumerate(owner) if o is None][: len(queue)]
+                    todo = [(s, queue.popleft()) for s in free]
+                    if todo:
+                        state = driver.refill(state, todo)
+                        for s, r in todo:
+                            owner[s] = r
                 refill_at = 1 if continuous and queue else slots + 1
-                state, res = backend.step(eng.params, state, refill_at)
-                for t in range(int(res.num_steps)):
-                    for b in np.flatnonzero(res.valid[t]):
-                        tok, lp, done = res.tokens[t, b], res.logprobs[t, b], res.done[t, b]
-                        if self._emit(owner[b], tok, lp, done):
-                            owner[b] = None
-                            bar.update(1)
+                state, firsts, res = driver.step(state, refill_at)
+                # The insert finished (deactivated) a request at its first token just so.
+                for slot, r, token, logprob in firsts:
+                    sp = self.per_prompt[self.requests[r][0]]
+                    done = sp.max_new_tokens <= 1 or int(token) in sp.stop_token_ids
+                    emit(slot, [token], [logprob], done)
+                # A slot's tokens of the block are a prefix of its column (it only stops).
+                counts = np.sum(res.valid, axis=0)  # [B]
+                for slot in np.flatnonzero(counts):
+                    m = counts[slot]
+                    emit(slot, res.tokens[:m, slot], res.logprobs[:m, slot], res.done[m - 1, slot])
         finally:
             bar.close()
         out: list[list[Completion]] = [[] for _ in self.prompts]
