@@ -363,18 +363,30 @@ class Planner:
         def spec(shape, dtype):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=repl)
 
-        request = engine_lib.RequestParams(
-            key=spec((2,), jnp.uint32),
-            temperature=spec((), jnp.float32),
-            top_p=spec((), jnp.float32),
-            top_k=spec((), jnp.int32),
-            max_new_tokens=spec((), jnp.int32),
-            stop_ids=spec((8,), jnp.int32),
+        # The rollout's batched calls at their largest: a prefill of the most prompts one call
+        # takes (a row bucket), each with its n requests; an insert filling every slot.
+        rows = engine_lib.buckets(1, shape["max_prefill_batch"])
+        rows = next(
+            b for b in rows if b >= min(shape["max_prefill_batch"], c.train.prompts_per_step)
         )
-        tokens = spec((1, prefill_len), jnp.int32)
+        n = engine_lib.next_power_of_two(c.rollout.n)
+
+        def field(shape, dtype):  # one request field, [R, n, ...]
+            return spec((rows, n, *shape), dtype)
+
+        request = engine_lib.RequestParams(
+            key=field((2,), jnp.uint32),
+            temperature=field((), jnp.float32),
+            top_p=field((), jnp.float32),
+            top_k=field((), jnp.int32),
+            max_new_tokens=field((), jnp.int32),
+            stop_ids=field((8,), jnp.int32),
+        )
+        tokens, lengths = spec((rows, prefill_len), jnp.int32), spec((rows,), jnp.int32)
         with jax.set_mesh(self.mesh):
-            prefix = jax.eval_shape(fns.prefill, params, tokens, spec((), jnp.int32), request)
+            prefix = jax.eval_shape(fns.prefill_batch, params, tokens, lengths, request)
         prefix = jax.tree.map(lambda x: spec(x.shape, x.dtype), prefix)
+        per_slot = spec((slots,), jnp.int32)
         train_state = _nbytes(self.state)
         ref = _nbytes(self.state.params) if c.algo.kl_coef > 0 else 0
         sync = jax.jit(
@@ -389,12 +401,12 @@ class Planner:
                 0.0,
             ),
             "prefill": (
-                (fns.prefill, (params, tokens, spec((), jnp.int32), request)),
+                (fns.prefill_batch, (params, tokens, lengths, request)),
                 train_state + ref + _nbytes(state),
-                model_flops(self.cfg, prefill_len, prefill_len, 1) / self.mesh.size,
+                model_flops(self.cfg, rows * prefill_len, prefill_len, 1) / self.mesh.size,
             ),
             "insert": (
-                (fns.insert, (prefix, state, spec((), jnp.int32))),
+                (fns.insert_batch, (prefix, state, per_slot, per_slot, per_slot)),
                 train_state + ref + _nbytes(params),
                 0.0,
             ),

@@ -1,4 +1,4 @@
-"""Every experiment file with every paper preset trains: one step on a shrunk checkpoint.
+"""Every experiment file and every paper preset trains: one step on a shrunk checkpoint.
 
 The checkpoint has the preset's structure (tied or untied head, RoPE base, GQA ratio)
 shrunk to 2 layers of width 64; the run keeps every setting of the preset (bfloat16,
@@ -94,9 +94,15 @@ def shrink_run(config, path, workdir):
     return config
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
-@pytest.mark.parametrize("preset_name", QWEN_PRESETS)
-def test_every_config_trains_one_step_on_every_preset(name, preset_name, checkpoints, tmp_path):
+# Every experiment file on the paper's 7B preset, and every other preset with GRPO: the
+# methods differ in the loss, the presets in the model, and neither depends on the other.
+PAIRS = [(name, "qwen2.5-math-7b") for name in CONFIG_FILES] + [
+    ("grpo.py", p) for p in QWEN_PRESETS if p != "qwen2.5-math-7b"
+]
+
+
+@pytest.mark.parametrize("name,preset_name", PAIRS)
+def test_every_config_and_every_preset_trains_one_step(name, preset_name, checkpoints, tmp_path):
     config = shrink_run(get_config(name, preset_name), checkpoints[preset_name], tmp_path / "run")
     assert config.model.remat == "full" and config.model.dtype == "bfloat16"
     trainer = Trainer(config)
