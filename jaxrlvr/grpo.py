@@ -379,9 +379,19 @@ def update(
         add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
         return (add(grads, g), loss + mb_loss, add(sums, mb_sums), jnp.minimum(wmin, mb_wmin)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros(()), dict.fromkeys(_TOKEN_SUMS, jnp.zeros(())), jnp.float32(jnp.inf))
-    (grads, loss, sums, wmin), _ = jax.lax.scan(micro_step, init, (keys, micro))
+    if micro.advantages.shape[0] == 1:  # one micro-batch: no accumulator to zero and add to
+        (loss, (sums, wmin)), grads = grad_fn(
+            state.params, graphdef, keys[0], jax.tree.map(lambda x: x[0], micro), norm, inputs, s
+        )
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (
+            zeros,
+            jnp.zeros(()),
+            dict.fromkeys(_TOKEN_SUMS, jnp.zeros(())),
+            jnp.float32(jnp.inf),
+        )
+        (grads, loss, sums, wmin), _ = jax.lax.scan(micro_step, init, (keys, micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

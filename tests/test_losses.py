@@ -366,8 +366,9 @@ def unchunked_logp_entropy(hidden, unembed, targets, temp):
     return tok, ent
 
 
+@pytest.mark.parametrize("remat", [True, False])
 @pytest.mark.parametrize("t,chunk", [(13, 4), (12, 4), (5, 8), (7, 1)])
-def test_token_logp_entropy_chunked_equals_unchunked(t, chunk):
+def test_token_logp_entropy_chunked_equals_unchunked(t, chunk, remat):
     rng = np.random.default_rng(9)
     b, d, v, temp = 2, 8, 37, 0.8
     hidden = rng.normal(size=(b, t, d)).astype(np.float32)
@@ -384,18 +385,20 @@ def test_token_logp_entropy_chunked_equals_unchunked(t, chunk):
     c1 = rng.normal(size=(b, t)).astype(np.float32)
     c2 = rng.normal(size=(b, t)).astype(np.float32)
 
-    def objective(impl, h, w):
-        lp, en = impl(h, w)
+    def objective(impl, h, w, temp):
+        lp, en = impl(h, w, temp)
         return jnp.sum(lp * c1) + jnp.sum(en * c2)
 
-    chunked = functools.partial(
-        token_logp_entropy, targets=targets, temperature=temp, chunk_size=chunk
-    )
-    full = functools.partial(unchunked_logp_entropy, targets=targets, temp=temp)
-    g_chunk = jax.jit(jax.grad(functools.partial(objective, chunked), argnums=(0, 1)))(
-        hidden, unembed
-    )
-    g_full = jax.grad(functools.partial(objective, full), argnums=(0, 1))(hidden, unembed)
+    def chunked(h, w, temp):
+        return token_logp_entropy(h, w, targets, temperature=temp, chunk_size=chunk, remat=remat)
+
+    def full(h, w, temp):
+        return unchunked_logp_entropy(h, w, targets, temp)
+
+    # Gradients w.r.t. hidden, unembed and the temperature (the hand-written VJP).
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+    g_chunk = jax.jit(grad(functools.partial(objective, chunked)))(hidden, unembed, temp)
+    g_full = grad(functools.partial(objective, full))(hidden, unembed, temp)
     for a, b_ in zip(g_chunk, g_full, strict=True):
         assert_close(a, b_, rtol=1e-4, atol=1e-5)
         assert np.abs(np.asarray(a)).max() > 1e-3  # non-trivial gradients
