@@ -255,13 +255,15 @@ def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, 
     shards = s.batch_shards
     hidden, targets = head_hidden(model, batch, shards)  # [G * M, D], [G * M]
     g = shards  # one row of head states per device: chunks stay device-local
+    head, vocab_major = model.head_matrix()
     logp, ent = losses.token_logp_entropy(
         hidden.reshape(g, -1, hidden.shape[-1]),
-        model.unembedding(),
+        head,
         targets.reshape(g, -1),
         temperature=s.temperature,
         chunk_size=s.logp_chunk,
         remat=s.logp_remat,
+        vocab_major=vocab_major,
     )
     both = per_sequence(jnp.stack([logp, ent], -1).reshape(-1, 2), batch, shards, keep=1)
     return both[..., 0], both[..., 1]

@@ -366,9 +366,10 @@ def unchunked_logp_entropy(hidden, unembed, targets, temp):
     return tok, ent
 
 
+@pytest.mark.parametrize("vocab_major", [False, True])
 @pytest.mark.parametrize("remat", [True, False])
 @pytest.mark.parametrize("t,chunk", [(13, 4), (12, 4), (5, 8), (7, 1)])
-def test_token_logp_entropy_chunked_equals_unchunked(t, chunk, remat):
+def test_token_logp_entropy_chunked_equals_unchunked(t, chunk, remat, vocab_major):
     rng = np.random.default_rng(9)
     b, d, v, temp = 2, 8, 37, 0.8
     hidden = rng.normal(size=(b, t, d)).astype(np.float32)
@@ -389,8 +390,11 @@ def test_token_logp_entropy_chunked_equals_unchunked(t, chunk, remat):
         lp, en = impl(h, w, temp)
         return jnp.sum(lp * c1) + jnp.sum(en * c2)
 
-    def chunked(h, w, temp):
-        return token_logp_entropy(h, w, targets, temperature=temp, chunk_size=chunk, remat=remat)
+    def chunked(h, w, temp):  # w [D, V]; given as stored, [V, D], with vocab_major
+        return token_logp_entropy(
+            h, w.T if vocab_major else w, targets, temperature=temp,
+            chunk_size=chunk, remat=remat, vocab_major=vocab_major,
+        )  # fmt: skip
 
     def full(h, w, temp):
         return unchunked_logp_entropy(h, w, targets, temp)

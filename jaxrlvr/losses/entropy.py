@@ -79,12 +79,13 @@ def map_sequence_chunks(
 
 def token_logp_entropy(
     hidden: jax.Array,  # [B, T, D] final hidden states (after the final norm), any dtype
-    unembed: jax.Array,  # [D, V] LM-head matrix (embedding.T when tied)
+    unembed: jax.Array,  # [D, V] LM-head matrix ([V, D] with vocab_major)
     targets: jax.Array,  # [B, T] int, the token each position predicts
     *,
     temperature: float | jax.Array = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     remat: bool = True,
+    vocab_major: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # (logp [B, T], entropy [B, T]) float32
     """log softmax(z / T)[target] and the entropy of softmax(z / T), z = hidden @ unembed.
 
@@ -94,7 +95,8 @@ def token_logp_entropy(
     it the backward pass keeps every chunk's, trading memory for a quarter less LM-head
     work). Differentiable w.r.t. ``hidden`` and ``unembed`` (a hand-written VJP: one pass
     over the logits each way); position ``t`` of ``hidden`` must be the state that predicts
-    ``targets[:, t]``.
+    ``targets[:, t]``. `vocab_major`: `unembed` is `[V, D]` (a tied embedding as stored:
+    no transposed copy of it is made).
     """
     temperature = jnp.asarray(temperature, jnp.float32)
 
@@ -102,16 +104,25 @@ def token_logp_entropy(
         # On rows [B C, D]: XLA:CPU runs the reductions over a [B, C, V] dot output about
         # 3x slower than over the same logits as a matrix.
         b, c, d = h.shape
-        logp, ent = _head_rows(h.reshape(b * c, d), unembed, tgt.reshape(b * c), temperature, remat)
+        logp, ent = _head_rows(
+            h.reshape(b * c, d), unembed, tgt.reshape(b * c), temperature, remat, vocab_major
+        )
         return logp.reshape(b, c), ent.reshape(b, c)
 
     return map_sequence_chunks(chunk, (hidden, targets), chunk_size=chunk_size, remat=False)
 
 
-def _row_stats(h, unembed, tgt, temperature):
+_SPECS = {
+    False: ("nd,dv->nv", "nv,dv->nd", "nd,nv->dv"),
+    True: ("nd,vd->nv", "nv,vd->nd", "nd,nv->vd"),
+}
+
+
+def _row_stats(h, unembed, tgt, temperature, vocab_major):
     """Logits `[N, V]` (float32) and per row: the shift m = max(z), log sum exp(z - m),
     E_p[z] - m, and z[target] - m, for z = logits / T."""
-    logits = jnp.matmul(h, unembed, preferred_element_type=jnp.float32)  # [N, V]
+    spec = _SPECS[vocab_major][0]
+    logits = jnp.einsum(spec, h, unembed, preferred_element_type=jnp.float32)  # [N, V]
     z = logits / temperature
     m = jnp.max(z, axis=-1)  # [N]
     e = jnp.exp(z - m[:, None])  # one exponential per logit serves every statistic
@@ -121,26 +132,27 @@ def _row_stats(h, unembed, tgt, temperature):
     return logits, m, jnp.log(total), mean_shifted, z_tgt / temperature - m
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _head_rows(h, unembed, tgt, temperature, remat):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_rows(h, unembed, tgt, temperature, remat, vocab_major):
     """(log-prob, entropy) `[N]` of rows h `[N, D]`: logp = z_tgt - lse, H = lse - E_p[z]."""
-    _, _, lse, mean_shifted, z_tgt = _row_stats(h, unembed, tgt, temperature)
+    _, _, lse, mean_shifted, z_tgt = _row_stats(h, unembed, tgt, temperature, vocab_major)
     return z_tgt - lse, lse - mean_shifted
 
 
-def _head_rows_fwd(h, unembed, tgt, temperature, remat):
-    logits, m, lse, mean_shifted, z_tgt = _row_stats(h, unembed, tgt, temperature)
+def _head_rows_fwd(h, unembed, tgt, temperature, remat, vocab_major):
+    logits, m, lse, mean_shifted, z_tgt = _row_stats(h, unembed, tgt, temperature, vocab_major)
     kept = None if remat else logits
     res = (h, unembed, tgt, temperature, kept, m, lse, mean_shifted)
     return (z_tgt - lse, lse - mean_shifted), res
 
 
-def _head_rows_bwd(remat, res, cotangents):
+def _head_rows_bwd(remat, vocab_major, res, cotangents):
     """d logp / dz = onehot - p and d H / dz = p (E_p[z] - z), chained through the matmul."""
     h, unembed, tgt, temperature, logits, m, lse, mean_shifted = res
     g_logp, g_ent = cotangents  # [N]
+    forward, to_h, to_w = _SPECS[vocab_major]
     if logits is None:
-        logits = jnp.matmul(h, unembed, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(forward, h, unembed, preferred_element_type=jnp.float32)
     zs = logits / temperature - m[:, None]  # z - m
     p = jnp.exp(zs - lse[:, None])
     onehot = jnp.arange(zs.shape[-1]) == tgt[:, None]  # elementwise: fuses, unlike a scatter
@@ -148,8 +160,8 @@ def _head_rows_bwd(remat, res, cotangents):
         g_logp[:, None] + g_ent[:, None] * (zs - mean_shifted[:, None])
     )
     g_logits = g_z / temperature  # [N, V] float32
-    g_h = jnp.einsum("nv,dv->nd", g_logits, unembed, preferred_element_type=jnp.float32)
-    g_w = jnp.einsum("nd,nv->dv", h, g_logits, preferred_element_type=jnp.float32)
+    g_h = jnp.einsum(to_h, g_logits, unembed, preferred_element_type=jnp.float32)
+    g_w = jnp.einsum(to_w, h, g_logits, preferred_element_type=jnp.float32)
     g_h, g_w = g_h.astype(h.dtype), g_w.astype(unembed.dtype)
     # d / dT: z = logits / T, so dz/dT = -z / T; the statistics are shift-invariant.
     g_t = -jnp.sum(g_z * (zs + m[:, None])) / temperature

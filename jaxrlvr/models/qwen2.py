@@ -426,6 +426,13 @@ class Qwen2(nnx.Module):
             return self.embed[...].T
         return self.lm_head[...]
 
+    def head_matrix(self) -> tuple[Array, bool]:
+        """The LM head as stored, never transposed: `(embedding [V, D], True)` when tied,
+        else `(lm_head [D, V], False)` (the second item is `vocab_major`)."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...], True
+        return self.lm_head[...], False
+
     def hidden_states(
         self,
         input_ids: Array,  # [B, T] int
