@@ -365,9 +365,9 @@ class Planner:
 
         # The rollout's batched calls at their largest: a prefill of the most prompts one call
         # takes (a row bucket), each with its n requests; an insert filling every slot.
-        rows = engine_lib.buckets(1, shape["max_prefill_batch"])
-        rows = next(
-            b for b in rows if b >= min(shape["max_prefill_batch"], c.train.prompts_per_step)
+        most = shape["max_prefill_batch"]
+        rows = engine_lib.fit_bucket(
+            engine_lib.buckets(1, most), min(most, c.train.prompts_per_step)
         )
         n = engine_lib.next_power_of_two(c.rollout.n)
 

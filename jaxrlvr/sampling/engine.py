@@ -151,6 +151,11 @@ def buckets(smallest: int, largest: int) -> tuple[int, ...]:
     return (*out, largest)
 
 
+def fit_bucket(sizes: Sequence[int], n: int) -> int:
+    """The smallest of `sizes` (ascending, as `buckets` makes them) that holds `n`."""
+    return next(b for b in sizes if b >= n)
+
+
 # --------------------------------------------------------------------------- pure functions
 
 
@@ -647,7 +652,7 @@ class Engine:
         _check(
             bool(np.all((samples >= 0) & (samples < n))), "samples", samples, f"must be in [0, {n})"
         )
-        size = next(b for b in self._insert_buckets if b >= k)
+        size = fit_bucket(self._insert_buckets, k)
 
         def pad(x, value):  # [k] -> [size]
             return np.pad(x, (0, size - k), constant_values=value)
@@ -761,7 +766,7 @@ class Engine:
             length,
             f"must be in [1, max_prefill_length={self._max_prefill}]",
         )
-        return next(b for b in self.prefill_buckets if b >= length)
+        return fit_bucket(self.prefill_buckets, length)
 
     def pad(self, prompt: Sequence[int]) -> tuple[np.ndarray, int]:
         """Right-pad a prompt to its bucket: `([P] int32, true_length)`."""
@@ -779,7 +784,7 @@ class Engine:
             len(prompts),
             f"must be in [1, max_prefill_batch={self.max_prefill_batch}]",
         )
-        rows = next(b for b in self.row_buckets if b >= len(prompts))
+        rows = fit_bucket(self.row_buckets, len(prompts))
         tokens = np.zeros((rows, self.bucket(max(map(len, prompts)))), np.int32)
         lengths = np.ones((rows,), np.int32)
         for i, prompt in enumerate(prompts):
