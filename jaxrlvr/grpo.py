@@ -241,10 +241,11 @@ def per_sequence(x: Array, batch: Batch, shards: int, keep: int = 0) -> Array:
     return take_per_shard(x, batch.head_slots, shards, keep)
 
 
-def response_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array]:
-    """The hidden states `[N, R, D]` that predict the response tokens, and the `[D, V]` head."""
+def response_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array, bool]:
+    """The hidden states `[N, R, D]` that predict the response tokens, and the LM head as
+    stored (`Qwen2.head_matrix`: the matrix and whether it is `[V, D]`)."""
     hidden, _ = head_hidden(model, batch, shards)
-    return per_sequence(hidden, batch, shards, keep=1), model.unembedding()
+    return per_sequence(hidden, batch, shards, keep=1), *model.head_matrix()
 
 
 def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
@@ -435,10 +436,16 @@ def entropy_check(graphdef, before, after, batch: Batch, s: LossSettings) -> dic
     """Actual vs Lemma-1-predicted entropy change of the step's updates on its rollouts."""
 
     def one(mb):
-        hb, ub = response_hidden(nnx.merge(graphdef, before), mb, s.batch_shards)
-        ha, ua = response_hidden(nnx.merge(graphdef, after), mb, s.batch_shards)
+        hb, ub, vocab_major = response_hidden(nnx.merge(graphdef, before), mb, s.batch_shards)
+        ha, ua, _ = response_hidden(nnx.merge(graphdef, after), mb, s.batch_shards)
         return losses.token_entropy_change(
-            hb, ub, ha, ua, temperature=s.temperature, chunk_size=s.logp_chunk
+            hb,
+            ub,
+            ha,
+            ua,
+            temperature=s.temperature,
+            chunk_size=s.logp_chunk,
+            vocab_major=vocab_major,
         )
 
     actual, predicted = _map_micro_batches(one, batch, s)

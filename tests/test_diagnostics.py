@@ -135,16 +135,22 @@ def test_lemma1_prediction_matches_small_perturbation():
     assert big_rel > 10 * rel
 
 
+@pytest.mark.parametrize("vocab_major", [False, True])
 @pytest.mark.parametrize("t,chunk", [(11, 4), (6, 16)])
-def test_token_entropy_change_chunked(t, chunk):
+def test_token_entropy_change_chunked(t, chunk, vocab_major):
     rng = np.random.default_rng(4)
     b, d, v = 2, 6, 25
     h0 = rng.normal(size=(b, t, d)).astype(np.float32)
     h1 = (h0 + 0.05 * rng.normal(size=h0.shape)).astype(np.float32)
     w0 = rng.normal(size=(d, v)).astype(np.float32)
     w1 = (w0 + 0.05 * rng.normal(size=w0.shape)).astype(np.float32)
-    fn = jax.jit(functools.partial(token_entropy_change, temperature=0.9, chunk_size=chunk))
-    actual, predicted = fn(h0, w0, h1, w1)
+    fn = jax.jit(
+        functools.partial(
+            token_entropy_change, temperature=0.9, chunk_size=chunk, vocab_major=vocab_major
+        )
+    )
+    heads = (w0.T.copy(), w1.T.copy()) if vocab_major else (w0, w1)  # as stored: [V, D]
+    actual, predicted = fn(h0, heads[0], h1, heads[1])
     assert actual.shape == (b, t) and predicted.shape == (b, t)
     z0 = np.einsum("btd,dv->btv", h0.astype(np.float64), w0)
     z1 = np.einsum("btd,dv->btv", h1.astype(np.float64), w1)

@@ -92,20 +92,23 @@ def entropy_change(
 
 def token_entropy_change(
     hidden_before: jax.Array,  # [B, T, D]
-    unembed_before: jax.Array,  # [D, V]
+    unembed_before: jax.Array,  # [D, V], or [V, D] with vocab_major
     hidden_after: jax.Array,  # [B, T, D]
-    unembed_after: jax.Array,  # [D, V]
+    unembed_after: jax.Array,  # [D, V], or [V, D] with vocab_major
     *,
     temperature: float | jax.Array = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_major: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # (dH_actual [B, T], dH_predicted [B, T])
     """``entropy_change`` per position from the hidden states and LM heads of the policy
-    before and after the step's updates, chunked over T like ``token_logp_entropy``."""
+    before and after the step's updates, chunked over T like ``token_logp_entropy``.
+    `vocab_major` reads the heads as `[V, D]` (a tied embedding as stored)."""
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
 
     def chunk(h0: jax.Array, h1: jax.Array) -> tuple[jax.Array, jax.Array]:
         f32 = jnp.float32
-        z0 = jnp.einsum("bcd,dv->bcv", h0, unembed_before, preferred_element_type=f32)
-        z1 = jnp.einsum("bcd,dv->bcv", h1, unembed_after, preferred_element_type=f32)
+        z0 = jnp.einsum(spec, h0, unembed_before, preferred_element_type=f32)
+        z1 = jnp.einsum(spec, h1, unembed_after, preferred_element_type=f32)
         return entropy_change(z0, z1, temperature)
 
     hidden_before = jax.lax.stop_gradient(hidden_before)

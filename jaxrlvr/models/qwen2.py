@@ -420,12 +420,6 @@ class Qwen2(nnx.Module):
 
     # -- pieces the trainer uses directly (chunked log-probs never build [B, T, V] at once)
 
-    def unembedding(self) -> Array:
-        """The LM head as a `[D, V]` matrix (the transposed embedding when tied)."""
-        if self.config.tie_word_embeddings:
-            return self.embed[...].T
-        return self.lm_head[...]
-
     def head_matrix(self) -> tuple[Array, bool]:
         """The LM head as stored, never transposed: `(embedding [V, D], True)` when tied,
         else `(lm_head [D, V], False)` (the second item is `vocab_major`)."""
