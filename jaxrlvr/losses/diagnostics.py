@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrlvr.losses.entropy import DEFAULT_CHUNK_SIZE, map_sequence_chunks
+from jaxrlvr.losses.entropy import DEFAULT_CHUNK_SIZE, head_logits, map_sequence_chunks
 from jaxrlvr.losses.policy import masked_mean
 
 __all__ = [
@@ -103,12 +103,10 @@ def token_entropy_change(
     """``entropy_change`` per position from the hidden states and LM heads of the policy
     before and after the step's updates, chunked over T like ``token_logp_entropy``.
     `vocab_major` reads the heads as `[V, D]` (a tied embedding as stored)."""
-    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
 
     def chunk(h0: jax.Array, h1: jax.Array) -> tuple[jax.Array, jax.Array]:
-        f32 = jnp.float32
-        z0 = jnp.einsum(spec, h0, unembed_before, preferred_element_type=f32)
-        z1 = jnp.einsum(spec, h1, unembed_after, preferred_element_type=f32)
+        z0 = head_logits(h0, unembed_before, vocab_major)  # [B, C, V]
+        z1 = head_logits(h1, unembed_after, vocab_major)
         return entropy_change(z0, z1, temperature)
 
     hidden_before = jax.lax.stop_gradient(hidden_before)

@@ -112,17 +112,21 @@ def token_logp_entropy(
     return map_sequence_chunks(chunk, (hidden, targets), chunk_size=chunk_size, remat=False)
 
 
-_SPECS = {
-    False: ("nd,dv->nv", "nv,dv->nd", "nd,nv->dv"),
-    True: ("nd,vd->nv", "nv,vd->nd", "nd,nv->vd"),
-}
+def head_logits(hidden: jax.Array, unembed: jax.Array, vocab_major: bool = False) -> jax.Array:
+    """float32 logits `[..., V]` of hidden states `[..., D]` through the LM head, `[D, V]`
+    (or `[V, D]` with `vocab_major`: a tied embedding as stored)."""
+    spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+    return jnp.einsum(spec, hidden, unembed, preferred_element_type=jnp.float32)
+
+
+# The backward products of `head_logits` on rows: (to the hidden states, to the head).
+_GRAD_SPECS = {False: ("nv,dv->nd", "nd,nv->dv"), True: ("nv,vd->nd", "nd,nv->vd")}
 
 
 def _row_stats(h, unembed, tgt, temperature, vocab_major):
     """Logits `[N, V]` (float32) and per row: the shift m = max(z), log sum exp(z - m),
     E_p[z] - m, and z[target] - m, for z = logits / T."""
-    spec = _SPECS[vocab_major][0]
-    logits = jnp.einsum(spec, h, unembed, preferred_element_type=jnp.float32)  # [N, V]
+    logits = head_logits(h, unembed, vocab_major)  # [N, V]
     z = logits / temperature
     m = jnp.max(z, axis=-1)  # [N]
     e = jnp.exp(z - m[:, None])  # one exponential per logit serves every statistic
@@ -150,9 +154,9 @@ def _head_rows_bwd(remat, vocab_major, res, cotangents):
     """d logp / dz = onehot - p and d H / dz = p (E_p[z] - z), chained through the matmul."""
     h, unembed, tgt, temperature, logits, m, lse, mean_shifted = res
     g_logp, g_ent = cotangents  # [N]
-    forward, to_h, to_w = _SPECS[vocab_major]
+    to_h, to_w = _GRAD_SPECS[vocab_major]
     if logits is None:
-        logits = jnp.einsum(forward, h, unembed, preferred_element_type=jnp.float32)
+        logits = head_logits(h, unembed, vocab_major)
     zs = logits / temperature - m[:, None]  # z - m
     p = jnp.exp(zs - lse[:, None])
     onehot = jnp.arange(zs.shape[-1]) == tgt[:, None]  # elementwise: fuses, unlike a scatter
