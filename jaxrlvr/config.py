@@ -126,6 +126,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.train.mini_batch_prompts = 32  # updates per step = prompts_per_step / mini_batch_prompts
     c.train.micro_batch_sequences = 8  # gradient accumulation chunk (sequences)
     c.train.pack = True  # pack several sequences per row in the policy pass and the update
+    c.train.pack_buckets = 8  # row-count / head-list sizes: at most this many compiled shapes
     c.train.eval_every = 10  # steps; 0 = never
     c.train.eval_n = 32  # samples per eval prompt (the k of Avg@k / Pass@k)
     c.train.eval_max_prompts = 0  # 0 = all eval prompts
@@ -291,6 +292,7 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     for key in ("eval_every", "checkpoint_every", "eval_max_prompts"):
         need(t[key] >= 0, f"train.{key}", "must be >= 0 (0 = off)")
     need(t.eval_n >= 1, "train.eval_n", "must be >= 1")
+    need(t.pack_buckets >= 1, "train.pack_buckets", "must be >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.max_checkpoints >= 1, "train.max_checkpoints", "must be >= 1")
     need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")

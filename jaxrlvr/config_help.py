@@ -98,6 +98,7 @@ HELP: dict[str, str] = {
     "train.mini_batch_prompts": "prompts per optimizer update",
     "train.micro_batch_sequences": "sequences per gradient-accumulation chunk",
     "train.pack": "pack several sequences per row in the policy pass and the update",
+    "train.pack_buckets": "row-count / head-list sizes: at most this many compiled shapes",
     "train.eval_every": "steps between evaluations (and the last step); 0 = never",
     "train.eval_n": "samples per eval prompt (k of Avg@k / Pass@k)",
     "train.eval_max_prompts": "first k eval prompts; 0 = all",

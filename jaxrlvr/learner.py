@@ -88,6 +88,7 @@ class Learner:
             shards=self.shards,
             row_len=c.data.max_prompt_len + c.rollout.max_new_tokens,
             enabled=c.train.pack,
+            buckets=c.train.pack_buckets,
         )
         dev = {k: self._put(v) for k, v in packed.items()}
         zeros = self._put(np.zeros(arrays["response_mask"].shape, np.float32))

@@ -23,9 +23,10 @@ import numpy as np
 
 Array = jax.Array
 
-# Row counts per group are rounded up to a multiple of (rows without packing) / 4: at most
-# four batch shapes, so at most four compiled variants of the policy pass and the update.
-ROW_BUCKETS = 4
+# Row counts per group (and head-list lengths) are rounded up to a multiple of (their
+# unpacked size) / `buckets`: at most `buckets` values each, so a bounded number of compiled
+# variants of the policy pass and the update (`train.pack_buckets`).
+DEFAULT_BUCKETS = 8
 
 
 def split_rows(tree, parts: int, shards: int = 1):
@@ -79,6 +80,7 @@ def pack(
     shards: int,
     row_len: int,
     enabled: bool = True,
+    buckets: int = DEFAULT_BUCKETS,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The device layout of a rollout batch (`grpo.rollout_batch`) and its packing stats.
 
@@ -87,7 +89,8 @@ def pack(
     the sequence fields `head_slots` `[N, R]` (index into the group's head list),
     `response_mask`, `advantages`, `sampler_logp`, all in device order; and `pad_fraction`
     (padding share of the packed tokens), `rows_per_micro_batch` and `head_fraction`
-    (response tokens / head list length).
+    (response tokens / head list length). Row counts and the head-list length are rounded
+    up to one of `buckets` evenly spaced sizes.
     """
     tokens, plen = arrays["tokens"], arrays["prompt_lengths"]
     rlen = arrays["response_mask"].sum(axis=1).astype(np.int64)
@@ -102,11 +105,11 @@ def pack(
         ids = groups[d, g]
         rows = first_fit(lengths[ids], row_len) if enabled else [[i] for i in range(per)]
         layouts[d, g] = [[int(ids[i]) for i in row] for row in rows]
-    step = max(1, per // ROW_BUCKETS)
+    step = max(1, per // buckets)
     r = min(per, -(-max(len(v) for v in layouts.values()) // step) * step)
 
     m_full = per * r_max
-    m_step = max(1, m_full // ROW_BUCKETS)
+    m_step = max(1, m_full // buckets)
     m = max(int(rlen[groups[d, g]].sum()) for d, g in layouts)
     m = max(min(m_full, -(-m // m_step) * m_step), 1)
 

@@ -449,3 +449,31 @@ def test_packed_update_equals_unpacked(loss_agg):
     for key in m_u:
         np.testing.assert_allclose(m_p[key], m_u[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert float(m_u["intervention_frac"]) > 0
+
+
+@pytest.mark.parametrize("buckets", [1, 4, 8, 16])
+def test_pack_buckets_round_rows_and_head_list(buckets):
+    """Rows per micro-batch and the head list are the smallest multiple of 1/`buckets` of
+    their unpacked size that holds the batch, and every sequence's tokens are in place."""
+    arrays, prompts, responses = _random_rollouts(preset("tiny"), 16, 8, 24, seed=3)
+    packed, stats = packing.pack(arrays, micro_batch=16, shards=1, row_len=32, buckets=buckets)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    need_rows = len(packing.first_fit(np.asarray(lengths), 32))
+    row_step, head_step = max(1, 16 // buckets), max(1, 16 * 24 // buckets)
+    rows = packed["tokens"].shape[0]
+    assert rows % row_step == 0 and need_rows <= rows < need_rows + row_step
+    head = packed["head_positions"].shape[0]
+    n_resp = sum(map(len, responses))
+    assert head % head_step == 0 and n_resp <= head < n_resp + head_step
+    assert stats["rows_per_micro_batch"] == rows
+    flat = packed["tokens"].reshape(-1)
+    for i, r in enumerate(responses):  # response token t predicted at head slot t
+        pos = packed["head_positions"][packed["head_slots"][i, : len(r)]]
+        np.testing.assert_array_equal(flat[pos + 1], r)
+
+
+def test_pack_buckets_validated():
+    c = base_config("demo")
+    c.train.pack_buckets = 0
+    with pytest.raises(ConfigError, match="train.pack_buckets"):
+        validate(c, files=False)
