@@ -23,10 +23,12 @@ import numpy as np
 
 Array = jax.Array
 
-# Row counts per group (and head-list lengths) are rounded up to a multiple of (their
-# unpacked size) / `buckets`: at most `buckets` values each, so a bounded number of compiled
-# variants of the policy pass and the update (`train.pack_buckets`).
-DEFAULT_BUCKETS = 8
+
+def round_to_bucket(n: int, full: int, buckets: int) -> int:
+    """`n` (<= `full`) rounded up to a multiple of `full / buckets`, within [1, full]: at
+    most `buckets` sizes, so a bounded number of compiled variants (`train.pack_buckets`)."""
+    step = max(1, full // buckets)
+    return max(1, min(full, -(-n // step) * step))
 
 
 def split_rows(tree, parts: int, shards: int = 1):
@@ -80,7 +82,7 @@ def pack(
     shards: int,
     row_len: int,
     enabled: bool = True,
-    buckets: int = DEFAULT_BUCKETS,
+    buckets: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The device layout of a rollout batch (`grpo.rollout_batch`) and its packing stats.
 
@@ -105,13 +107,9 @@ def pack(
         ids = groups[d, g]
         rows = first_fit(lengths[ids], row_len) if enabled else [[i] for i in range(per)]
         layouts[d, g] = [[int(ids[i]) for i in row] for row in rows]
-    step = max(1, per // buckets)
-    r = min(per, -(-max(len(v) for v in layouts.values()) // step) * step)
-
-    m_full = per * r_max
-    m_step = max(1, m_full // buckets)
-    m = max(int(rlen[groups[d, g]].sum()) for d, g in layouts)
-    m = max(min(m_full, -(-m // m_step) * m_step), 1)
+    r = round_to_bucket(max(len(v) for v in layouts.values()), per, buckets)
+    m = max(int(rlen[groups[d, g]].sum()) for d, g in layouts)  # response tokens per group
+    m = round_to_bucket(m, per * r_max, buckets)
 
     shape = (shards, parts, r, row_len)
     packed = {k: np.zeros(shape, np.int32) for k in ("tokens", "segment_ids", "positions")}

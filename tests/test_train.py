@@ -115,7 +115,7 @@ def _random_batch(cfg, n, prompt_len, resp_len, seed=0, micro_batch=None, pack=T
     arrays, _, _ = _random_rollouts(cfg, n, prompt_len, resp_len, seed)
     packed, _ = packing.pack(
         arrays, micro_batch=micro_batch or n, shards=1, row_len=prompt_len + resp_len,
-        enabled=pack,
+        enabled=pack, buckets=base_config("demo").train.pack_buckets,
     )  # fmt: skip
     rng = np.random.RandomState(seed + 1)
     return grpo.Batch(
