@@ -11,7 +11,9 @@ to DIR:
   (`jaxrlvr.entropy_law`) and, with several runs, one fit across them all;
 - `fit.json`: per run `a`, `b`, `rmse`, `pairs` and, from the first 15% of steps,
   `predicted_final` / `actual_final` (or the reason a fit could not be made);
-- `index.md`: the figures and a table of every run.
+- `index.md`: the figures and a table of every run; for runs that logged the first-order
+  entropy-change check (`diagnostics.entropy_check_every`), a second table of how well the
+  prediction `dH_predicted` matched the measured `dH_actual` (`entropy_check`).
 
 The score is `--score` (default `eval_avg@4`, the demo's Avg@4; any metric works, e.g.
 `reward_mean`). A directory without `metrics.jsonl`, or a run without score rows, is
@@ -177,8 +179,33 @@ def plot_all(runs: dict[str, list[dict]], fits: dict, score: str, out: str, wind
     return written
 
 
+def entropy_check(rows: list[dict]) -> dict[str, float] | None:
+    """How well the first-order law predicted a run's per-step entropy change: over the
+    steps that logged the check, the correlation of the step means `dH_actual` and
+    `dH_predicted`, the per-step token correlation `dH_corr` (mean, median, min), the share
+    of steps whose two means have the same sign, and the mean of each. None if no step
+    logged it."""
+    checked = [r for r in rows if all(r.get(k) is not None for k in ("dH_actual", "dH_predicted"))]
+    if not checked:
+        return None
+    actual = np.array([r["dH_actual"] for r in checked])
+    predicted = np.array([r["dH_predicted"] for r in checked])
+    token_corr = np.array([r["dH_corr"] for r in checked if r.get("dH_corr") is not None])
+    both_vary = len(checked) > 1 and actual.std() > 0 and predicted.std() > 0
+    return {
+        "steps": len(checked),
+        "step_mean_corr": float(np.corrcoef(actual, predicted)[0, 1]) if both_vary else np.nan,
+        "token_corr_mean": float(token_corr.mean()) if token_corr.size else np.nan,
+        "token_corr_median": float(np.median(token_corr)) if token_corr.size else np.nan,
+        "token_corr_min": float(token_corr.min()) if token_corr.size else np.nan,
+        "sign_agreement": float(np.mean(np.sign(actual) == np.sign(predicted))),
+        "actual_mean": float(actual.mean()),
+        "predicted_mean": float(predicted.mean()),
+    }
+
+
 def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str], window: int):
-    """`index.md`: the figures, then a row per run."""
+    """`index.md`: the figures, then a row per run (and one per run with entropy checks)."""
     lines = ["# Report", ""]
     lines += [f"![{f[:-4]}]({f})" for f in figures] + [""]
     head = (
@@ -204,6 +231,24 @@ def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str],
         f = fits["all runs"]
         lines += ["", f"One fit across all runs: a = {f['a']:.4g}, b = {f['b']:.4g}, "
                   f"rmse = {f['rmse']:.4g} over {f['pairs']} pairs."]  # fmt: skip
+    checks = {label: entropy_check(rows) for label, rows in runs.items()}
+    checks = {label: c for label, c in checks.items() if c is not None}
+    if checks:
+        lines += [
+            "",
+            "First-order entropy-change check (per step: measured against predicted):",
+            "",
+            "| run | steps | corr. of step means | dH_corr mean / median / min | same sign "
+            "| mean dH actual / predicted |",
+            "|---" * 6 + "|",
+        ]
+        for label, c in checks.items():
+            lines.append(
+                f"| {label} | {c['steps']} | {c['step_mean_corr']:.3f} | "
+                f"{c['token_corr_mean']:.3f} / {c['token_corr_median']:.3f} / "
+                f"{c['token_corr_min']:.3f} | {c['sign_agreement']:.0%} | "
+                f"{c['actual_mean']:.3g} / {c['predicted_mean']:.3g} |"
+            )
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

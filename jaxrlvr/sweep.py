@@ -15,7 +15,11 @@ and `hf/` is exported) is skipped; an interrupted one resumes from its checkpoin
 `--parallel=N` runs N points at a time on this machine; `--launcher=tpu` hands every
 point to `python -m jaxrlvr.launch tpu` instead (with `--launch_args`). The sweep logs
 progress (done, running, failed, ETA) and writes `ROOT/summary.csv` (a row per point)
-and `ROOT/summary.md` (mean +- std over seeds).
+and `ROOT/summary.md` (mean +- std over seeds); with `--baseline=NAME` (a point's name
+without its seed, or a unique prefix of one) the summary also lists every other point's
+final entropy and reward minus the baseline's, seed by seed, and whether the entropy
+differences all have one sign: the paired comparison of methods that share data and
+sampling seeds.
 """
 
 from __future__ import annotations
@@ -360,9 +364,12 @@ def run_summary(run: Run, window: int) -> dict[str, Any]:
     return out
 
 
-def summarize(runs: Sequence[Run], root: str, window: int) -> tuple[str, str]:
+def summarize(
+    runs: Sequence[Run], root: str, window: int, baseline: str | None = None
+) -> tuple[str, str]:
     """Write `root/summary.csv` (a row per point) and `root/summary.md` (mean +- std over
-    the `seed` values of otherwise equal points); returns both texts."""
+    the `seed` values of otherwise equal points, and with `baseline` the paired
+    differences against it); returns both texts."""
     rows = [run_summary(r, window) for r in runs]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
@@ -371,8 +378,7 @@ def summarize(runs: Sequence[Run], root: str, window: int) -> tuple[str, str]:
     writer.writerows(rows)
     groups: dict[str, list[dict]] = {}
     for run, row in zip(runs, rows, strict=True):
-        key = point_name({k: v for k, v in run.point.items() if k != "seed"})
-        groups.setdefault(key, []).append(row)
+        groups.setdefault(group_key(run), []).append(row)
     metrics = [c for c in columns if c.endswith(("_final", "_best", "_base")) or c == "seconds"]
     lines = [
         "| point | runs | " + " | ".join(metrics) + " |",
@@ -381,10 +387,64 @@ def summarize(runs: Sequence[Run], root: str, window: int) -> tuple[str, str]:
     for key, members in groups.items():
         cells = [_mean_std([m.get(c, float("nan")) for m in members]) for c in metrics]
         lines.append(f"| {key} | {len(members)} | " + " | ".join(cells) + " |")
+    if baseline is not None:
+        lines += ["", *paired_differences(groups, baseline)]
     markdown = "\n".join(lines) + "\n"
     for name, text in (("summary.csv", buffer.getvalue()), ("summary.md", markdown)):
         write_atomic(os.path.join(root, name), text)
     return buffer.getvalue(), markdown
+
+
+PAIRED_METRICS = ("entropy_final", "reward_mean_final")
+
+
+def group_key(run: Run) -> str:
+    """The name of a run's point without its seed: the runs a summary row averages."""
+    return point_name({k: v for k, v in run.point.items() if k != "seed"})
+
+
+def baseline_group(keys: Sequence[str], baseline: str) -> str:
+    """The one group `--baseline` names: an exact group name, else a unique prefix."""
+    matches = [k for k in keys if k == baseline] or [k for k in keys if k.startswith(baseline)]
+    if len(matches) != 1:
+        raise config_lib.ConfigError(
+            f"--baseline={baseline!r} matches {len(matches)} of the points "
+            f"({', '.join(keys)}); give one point's name without its seed"
+        )
+    return matches[0]
+
+
+def paired_differences(groups: dict[str, list[dict]], baseline: str) -> list[str]:
+    """Markdown: each group's final values minus the baseline group's, seed by seed (equal
+    seeds share the data order and sampling seeds, so the difference is the method's), and
+    whether the entropy differences all have one sign. Only runs that reached the same
+    step as their baseline run are paired."""
+    base_key = baseline_group(list(groups), baseline)
+    base = {row.get("seed", 0): row for row in groups[base_key]}
+    lines = [
+        f"Paired differences against {base_key}, one value per seed "
+        f"({', '.join(str(seed) for seed in base)}):",
+        "",
+        "| point | " + " | ".join(f"{m} - baseline" for m in PAIRED_METRICS) + " | entropy |",
+        "|---" * (len(PAIRED_METRICS) + 2) + "|",
+    ]
+    for key, members in groups.items():
+        pairs = [(m, base.get(m.get("seed", 0))) for m in members]
+        pairs = [(m, b) for m, b in pairs if b is not None and _comparable(m, b)]
+        if key == base_key or not pairs:
+            continue
+        cells = [", ".join(f"{m[c] - b[c]:+.4f}" for m, b in pairs) for c in PAIRED_METRICS]
+        dh = [m["entropy_final"] - b["entropy_final"] for m, b in pairs]
+        sign = "all above" if min(dh) > 0 else "all below" if max(dh) < 0 else "mixed"
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {sign} |")
+    return lines
+
+
+def _comparable(run: dict, base: dict) -> bool:
+    """Both runs reached the same step and have final values (a run still going is not
+    compared with a finished one)."""
+    values = [r.get(c, np.nan) for r in (run, base) for c in PAIRED_METRICS]
+    return run["steps"] == base["steps"] and bool(np.all(np.isfinite(values)))
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -425,9 +485,12 @@ def sweep(
     launcher: str = "local",
     launch_args: str = "",
     window: int = 10,
+    baseline: str | None = None,
 ) -> list[Run]:
     """Resolve, run and summarise a sweep (see module docstring); returns its runs."""
     runs = build_runs(config, root, sweep_file, grids, sets)
+    if baseline is not None:
+        baseline_group(list(dict.fromkeys(group_key(r) for r in runs)), baseline)
     for run in runs:
         if finished(run):
             run.status = "done"
@@ -444,7 +507,7 @@ def sweep(
         return runs
     scheduler = Scheduler(runs, parallel)
     scheduler.run()
-    _, markdown = summarize(runs, root, window)
+    _, markdown = summarize(runs, root, window, baseline)
     print(markdown, end="")
     if scheduler.stop_signal is not None:
         raise KeyboardInterrupt(f"stopped by signal {scheduler.stop_signal}; rerun to resume")
@@ -463,6 +526,9 @@ def define_flags() -> None:
     flags.DEFINE_string("launch_args", "", "with --launcher=tpu: args of jaxrlvr.launch tpu")
     flags.DEFINE_integer("window", 10, "steps averaged for the final values of the summary")
     flags.DEFINE_bool("summarize", False, "only write the summary of what ROOT holds")
+    flags.DEFINE_string(
+        "baseline", None, "point name (without seed) to pair every other point against"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -478,11 +544,12 @@ def main(argv: list[str]) -> None:
         if not f.sweep and not f.grid:
             raise config_lib.ConfigError("give --sweep=FILE or at least one --grid=KEY=V1,V2")
         kw = dict(sweep_file=f.sweep, grids=f.grid, sets=f.set, window=f.window)
+        kw["baseline"] = f.baseline
         if f.summarize:
             runs = build_runs(f.config, f.root, f.sweep, f.grid, f.set)
             for run in runs:
                 run.status = "done" if finished(run) else "incomplete"
-            print(summarize(runs, f.root, f.window)[1], end="")
+            print(summarize(runs, f.root, f.window, f.baseline)[1], end="")
             return
         runs = sweep(
             f.config, f.root, parallel=f.parallel, dry_run=f.dry_run, launcher=f.launcher,

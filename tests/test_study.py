@@ -97,6 +97,33 @@ def test_report_of_synthetic_runs(tmp_path):
         report.report([str(tmp_path / "runs" / "empty")], str(tmp_path / "r2"))
 
 
+def test_entropy_check_summary_against_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    actual = rng.normal(-1e-3, 1e-3, 20)
+    predicted = actual + rng.normal(0, 5e-4, 20)
+    corr = rng.uniform(0.5, 1.0, 20)
+    rows = [{"step": 0}] + [  # step 0 (an eval row) and unchecked steps carry no check
+        {"step": i + 1, "entropy": 0.1, "reward_mean": 0.5, "dH_actual": a, "dH_predicted": p,
+         "dH_corr": c} if i % 2 == 0 else {"step": i + 1, "entropy": 0.1, "reward_mean": 0.5}
+        for i, (a, p, c) in enumerate(zip(actual, predicted, corr, strict=True))
+    ]  # fmt: skip
+    a, p, c = actual[::2], predicted[::2], corr[::2]
+    got = report.entropy_check(rows)
+    assert got["steps"] == 10
+    assert got["step_mean_corr"] == pytest.approx(np.corrcoef(a, p)[0, 1], rel=1e-12)
+    assert (got["token_corr_mean"], got["token_corr_min"]) == pytest.approx((c.mean(), c.min()))
+    assert got["token_corr_median"] == pytest.approx(np.median(c))
+    assert got["sign_agreement"] == pytest.approx(np.mean(np.sign(a) == np.sign(p)))
+    assert (got["actual_mean"], got["predicted_mean"]) == pytest.approx((a.mean(), p.mean()))
+    assert report.entropy_check(rows[:1] + [r for r in rows if "dH_actual" not in r]) is None
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.report([str(run)], str(tmp_path / "out"), score="reward_mean")
+    index = (tmp_path / "out" / "index.md").read_text()
+    assert f"| run | 10 | {got['step_mean_corr']:.3f} |" in index
+
+
 # ---------------------------------------------------------------------------- sweeps
 
 
@@ -143,6 +170,38 @@ def test_sweep_files_resolve(name, tmp_path):
         sweep.load_sweep(str(REPO / "sweeps" / f"{name}.py")), "configs/grpo.py", {}, str(tmp_path)
     )
     assert len(runs) >= 3 and len({r.name for r in runs}) == len(runs)
+
+
+def test_summary_pairs_every_point_with_the_baseline_seed_by_seed(tmp_path):
+    points = sweep.product(
+        sweep.axis(
+            "config", [f"configs/{m}.py" for m in ("grpo", "clip_higher", "steer", "kl_cov")]
+        ),
+        sweep.seeds(2),
+    )
+    runs = sweep.resolve(points, "configs/grpo.py", {}, str(tmp_path))
+    final = {  # (config, seed) -> (entropy, reward) of every step
+        ("grpo", "0"): (0.10, 0.5), ("grpo", "1"): (0.20, 0.6),
+        ("clip_higher", "0"): (0.13, 0.4), ("clip_higher", "1"): (0.25, 0.6),
+        ("steer", "0"): (0.11, 0.5), ("steer", "1"): (0.15, 0.7),
+        ("kl_cov", "0"): (0.12, 0.5), ("kl_cov", "1"): (0.30, 0.1),
+    }  # fmt: skip
+    for run in runs:
+        h, r = final[(run.config.name, str(run.point["seed"]))]
+        os.makedirs(run.workdir)
+        still_running = run.name == "kl_cov,seed=1"  # 3 of 5 steps: not compared
+        with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+            for step in range(1, 4 if still_running else 6):
+                f.write(json.dumps({"step": step, "entropy": h, "reward_mean": r}) + "\n")
+    _, markdown = sweep.summarize(runs, str(tmp_path), window=3, baseline="grpo")
+    assert "Paired differences against grpo, one value per seed (0, 1):" in markdown
+    assert "| clip_higher | +0.0300, +0.0500 | -0.1000, +0.0000 | all above |" in markdown
+    assert "| steer | +0.0100, -0.0500 | +0.0000, +0.1000 | mixed |" in markdown
+    assert "| kl_cov | +0.0200 | +0.0000 | all above |" in markdown
+    assert "| grpo | +" not in markdown  # the baseline is not paired with itself
+    with pytest.raises(ConfigError, match=r"--baseline='dapo' matches 0 of the points"):
+        sweep.sweep("configs/grpo.py", str(tmp_path / "x"), grids=["seed=0,1"], baseline="dapo")
+    assert not (tmp_path / "x").exists()  # refused before anything ran
 
 
 # ---------------------------------------------------------------------------- end to end
