@@ -3,7 +3,7 @@
 Formulas: docs/algorithms.md#adaptive-entropy-control.
 """
 
-from jaxrlvr.config import base_config, parse_arg
+from jaxrlvr.config import base_config, is_demo, parse_arg
 
 
 def get_config(arg: str = "demo"):
@@ -11,7 +11,7 @@ def get_config(arg: str = "demo"):
     config = base_config(preset)
     config.name = "adaptive_entropy"
     config.algo.intervention = "adaptive_entropy"
-    if preset == "demo":  # the reference values (target 0.2, delta 1e-4) are for 7B runs
+    if is_demo(preset):  # the reference values (target 0.2, delta 1e-4) are for 7B runs
         e = config.algo.adaptive_entropy
         e.target, e.delta, e.alpha_max = 0.1, 2e-3, 0.05  # the demo's entropy scale
     return config

@@ -9,7 +9,7 @@ The argument picks the schedule (and optionally the model preset), e.g.
 - `adv_neg_only`: the "Adv<=0 only" ablation (lambda = 0).
 """
 
-from jaxrlvr.config import POS_ADV_SCHEDULES, ConfigError, base_config, parse_arg
+from jaxrlvr.config import POS_ADV_SCHEDULES, ConfigError, base_config, is_demo, parse_arg
 
 ABLATIONS = ("adv_pos_only", "adv_neg_only")
 
@@ -28,6 +28,6 @@ def get_config(arg: str = "demo"):
         p.lam, p.neg_weight = 1.0, 0.0
     elif choice == "adv_neg_only":
         p.lam = 0.0
-    if preset == "demo":
+    if is_demo(preset):
         p.delta = 0.1  # between the demo policy's start (0.13) and collapsed (0.08) entropy
     return config

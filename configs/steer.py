@@ -18,7 +18,7 @@ def get_config(arg: str = "demo"):
     config.name = "steer"
     config.algo.intervention = "steer"
     if preset != "demo":
-        config.algo.eps_high = 0.28  # STEER runs: docs/algorithms.md#reference-settings
+        config.algo.eps_high = 0.28  # as the STEER runs: docs/algorithms.md#reference-settings
     if "linear" in options:
         config.name = "steer-linear"
         config.algo.steer.linear = True

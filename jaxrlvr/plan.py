@@ -153,7 +153,7 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2Config:
         return Qwen2Config.from_pretrained(c.path, **numerics)
     if config.preset in PRESETS:
         return PRESETS[config.preset].replace(**numerics)
-    if config.preset == "demo":
+    if config_lib.is_demo(config.preset):
         from jaxrlvr.demo_policy import DemoPolicySettings
 
         return DemoPolicySettings().model_config().replace(**numerics)

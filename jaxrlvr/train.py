@@ -76,7 +76,7 @@ class Preempted(Exception):  # noqa: N818 - an event, not an error
 def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Fill in the demo's model and data (built and cached on first use) where unset."""
     config = ml_collections.ConfigDict(config.to_dict())  # a copy; the caller's stays as given
-    if config.preset == "demo" and not config.model.path:
+    if config_lib.is_demo(config.preset) and not config.model.path:
         from jaxrlvr.demo_policy import build_demo_policy
 
         path = build_demo_policy(log=log.info)

@@ -7,6 +7,7 @@ the paper's (2e-4 for Clip-Cov, 2e-3 for KL-Cov at 7B): the paper presets use th
 paper's grid. ARG: a preset (`demo` by default), `seeds=N`.
 """
 
+from jaxrlvr.config import is_demo
 from jaxrlvr.sweep import axis, product, seeds, sweep_arg
 
 RATIOS = {  # preset kind -> method -> ratios
@@ -17,7 +18,7 @@ RATIOS = {  # preset kind -> method -> ratios
 
 def get_sweep(arg=None):
     preset, options = sweep_arg(arg)
-    grid = RATIOS["demo" if preset == "demo" else "paper"]
+    grid = RATIOS["demo" if is_demo(preset) else "paper"]
     suffix = f":{preset}" if preset != "demo" else ""
     points = []
     for method, ratios in grid.items():

@@ -16,16 +16,18 @@ from jaxrlvr.config import (
     PRESET_NAMES,
     ConfigError,
     base_config,
+    is_demo,
     parse_arg,
     updates_per_step,
     validate,
 )
+from jaxrlvr.record import flatten
 
 METHODS = (
     "adaptive_entropy.py", "clip_cov.py", "clip_higher.py", "entropy_bonus.py",
     "grpo.py", "kl_cov.py", "pos_adv.py", "steer.py",
 )  # fmt: skip
-PAPER_PRESETS = tuple(p for p in PRESET_NAMES if p != "demo")
+PAPER_PRESETS = tuple(p for p in PRESET_NAMES if not is_demo(p))
 POS_ADV_ABLATIONS = ("adv_pos_only", "adv_neg_only")
 
 
@@ -43,6 +45,20 @@ def paths(tmp_path):
     data = tmp_path / "train.parquet"
     data.write_bytes(b"")
     return str(model), str(data)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_demo_hard_is_the_demo_on_the_reference_update_schedule(name):
+    """`:demo-hard` changes only the updates per step and the lr (and, as in the STEER
+    runs, STEER's upper clip); it needs no paths either."""
+    demo, hard = get_config(name, "demo"), get_config(name, "demo-hard")
+    validate(hard)
+    assert updates_per_step(demo) == 2 and updates_per_step(hard) == 16
+    assert hard.optim.lr < demo.optim.lr
+    before, after = flatten(demo.to_dict()), flatten(hard.to_dict())
+    diff = {k for k, v in after.items() if before.get(k) != v}
+    expected = {"preset", "train.mini_batch_prompts", "optim.lr"}
+    assert diff == expected | ({"algo.eps_high"} if name == "steer.py" else set())
 
 
 def test_every_method_has_a_config_file():
