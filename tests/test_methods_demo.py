@@ -80,7 +80,7 @@ def test_grpo_entropy_falls(demo):
 
 
 def test_negative_only_keeps_entropy_above_grpo(demo):
-    # Seed 000: "Adv<=0 only" ends with much higher entropy than GRPO.
+    # Positive-advantage reweighting paper: "Adv<=0 only" ends with much higher entropy than GRPO.
     assert entropy(demo, "adv_neg_only") > entropy(demo, "grpo") + 0.005, demo
 
 
@@ -97,9 +97,9 @@ def test_hard_grpo_learns_and_sharpens(demo_hard):
 
 
 def test_hard_positive_only_collapses_entropy_below_grpo(demo_hard):
-    # Seed 000: "Adv>=0 only" has the most severe entropy collapse. It needs the papers'
-    # off-policy schedule: with the demo's 2 updates per step it ends above GRPO. Steps
-    # 31-50: -0.004 to -0.009 over three seeds.
+    # Positive-advantage reweighting paper: "Adv>=0 only" has the most severe entropy
+    # collapse. It needs the papers' off-policy schedule: with the demo's 2 updates per
+    # step it ends above GRPO. Steps 31-50: -0.004 to -0.009 over three seeds.
     assert entropy(demo_hard, "adv_pos_only") < entropy(demo_hard, "grpo") - 0.002, demo_hard
 
 
