@@ -429,9 +429,11 @@ def paired_differences(groups: dict[str, list[dict]], baseline: str) -> list[str
         "|---" * (len(PAIRED_METRICS) + 2) + "|",
     ]
     for key, members in groups.items():
+        if key == base_key:
+            continue
         pairs = [(m, base.get(m.get("seed", 0))) for m in members]
         pairs = [(m, b) for m, b in pairs if b is not None and _comparable(m, b)]
-        if key == base_key or not pairs:
+        if not pairs:
             continue
         cells = [", ".join(f"{m[c] - b[c]:+.4f}" for m, b in pairs) for c in PAIRED_METRICS]
         dh = [m["entropy_final"] - b["entropy_final"] for m, b in pairs]
@@ -543,8 +545,9 @@ def main(argv: list[str]) -> None:
             raise config_lib.ConfigError(f"--parallel={f.parallel}: must be >= 1")
         if not f.sweep and not f.grid:
             raise config_lib.ConfigError("give --sweep=FILE or at least one --grid=KEY=V1,V2")
-        kw = dict(sweep_file=f.sweep, grids=f.grid, sets=f.set, window=f.window)
-        kw["baseline"] = f.baseline
+        kw = dict(
+            sweep_file=f.sweep, grids=f.grid, sets=f.set, window=f.window, baseline=f.baseline
+        )
         if f.summarize:
             runs = build_runs(f.config, f.root, f.sweep, f.grid, f.set)
             for run in runs:
