@@ -130,6 +130,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.train.steps = 500
     c.train.prompts_per_step = 512
     c.train.mini_batch_prompts = 32  # updates per step = prompts_per_step / mini_batch_prompts
+    c.train.ppo_epochs = 1  # passes over the step's mini-batches (verl's ppo_epochs)
     c.train.micro_batch_sequences = 8  # gradient accumulation chunk (sequences)
     c.train.pack = True  # pack several sequences per row in the policy pass and the update
     c.train.pack_buckets = 8  # row-count / head-list sizes: at most this many compiled shapes
@@ -297,6 +298,7 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     need(t.steps >= 1, "train.steps", "must be >= 1")
     need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
     need(t.mini_batch_prompts >= 1, "train.mini_batch_prompts", "must be >= 1")
+    need(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
     if t.prompts_per_step >= 1 and t.mini_batch_prompts >= 1:
         need(
             t.prompts_per_step % t.mini_batch_prompts == 0,
@@ -481,8 +483,13 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
     return node
 
 
-def updates_per_step(config: ml_collections.ConfigDict) -> int:
+def mini_batches_per_step(config: ml_collections.ConfigDict) -> int:
     return config.train.prompts_per_step // config.train.mini_batch_prompts
+
+
+def updates_per_step(config: ml_collections.ConfigDict) -> int:
+    """Optimizer updates per step: every mini-batch once per PPO epoch."""
+    return mini_batches_per_step(config) * config.train.ppo_epochs
 
 
 __all__ = [
@@ -497,6 +504,7 @@ __all__ = [
     "load_config_file",
     "load_python_file",
     "split_files",
+    "mini_batches_per_step",
     "updates_per_step",
     "validate",
     "validate_mesh",

@@ -96,6 +96,7 @@ HELP: dict[str, str] = {
     "train.steps": "training steps",
     "train.prompts_per_step": "prompts per rollout batch",
     "train.mini_batch_prompts": "prompts per optimizer update",
+    "train.ppo_epochs": "passes over the step's mini-batches (updates = mini-batches x epochs)",
     "train.micro_batch_sequences": "sequences per gradient-accumulation chunk",
     "train.pack": "pack several sequences per row in the policy pass and the update",
     "train.pack_buckets": "row-count / head-list sizes: at most this many compiled shapes",

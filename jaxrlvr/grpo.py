@@ -74,7 +74,7 @@ class LossSettings:
     method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
     total_steps: int = 1
     num_epochs: int = 1
-    updates: int = 1  # mini-batches (optimizer updates) per step
+    updates: int = 1  # mini-batches per step (each one optimizer update per PPO epoch)
     batch_shards: int = 1  # devices the batch is split over (data x fsdp)
 
     def arg(self, name: str) -> Any:

@@ -115,11 +115,11 @@ class Learner:
         params_before = None
         if check_entropy:  # a copy: the updates donate the state's buffers
             params_before = jax.tree.map(jnp.copy, self.state.params)
-        n_mini = config_lib.updates_per_step(c)
         per_update = []
-        for k in range(n_mini):  # mini-batch k is sliced on device, within each shard
-            self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
-            per_update.append(m)
+        for _ in range(c.train.ppo_epochs):  # each epoch visits the mini-batches in order
+            for k in range(config_lib.mini_batches_per_step(c)):  # sliced on device, per shard
+                self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
+                per_update.append(m)
         step_entropy = losses.masked_mean(entropy, mask)
         entropy_delta = step_entropy - self.state.entropy  # NaN on the first step
         self.state = fns.finish_step(self.state, step_entropy, inputs)  # donates the state
@@ -142,7 +142,7 @@ class Learner:
         metrics["skipped_updates"] = sum(bool(code) for code in codes)
         if any(codes):
             metrics["skip_reason"] = skip_reason(np.bitwise_or.reduce(codes))
-        metrics["lr"] = float(self.schedule(int(self.state.step) * n_mini - 1))
+        metrics["lr"] = float(self.schedule(int(self.state.step) * len(per_update) - 1))
         if not c.algo.kl_coef:
             metrics.pop("kl")
         frac, wmean = metrics.pop("intervention_frac"), metrics.pop("weight_mean")

@@ -234,8 +234,8 @@ class Planner:
         model = nnx.eval_shape(lambda: Qwen2(self.cfg, rngs=nnx.Rngs(0)))
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         self.engine_graphdef, _ = nnx.split(model)
-        self.updates = config_lib.updates_per_step(c)
-        self.tx, _ = grpo.make_optimizer(c.optim, c.train.steps, self.updates)
+        self.mini_batches = config_lib.mini_batches_per_step(c)
+        self.tx, _ = grpo.make_optimizer(c.optim, c.train.steps, config_lib.updates_per_step(c))
         self.num_sequences = c.train.prompts_per_step * c.rollout.n
         state = programs.abstract_train_state(self.params, self.tx, c)
         self.state = _abstract(state, programs.train_state_shardings(state, self.tx, self.mesh))
@@ -302,7 +302,8 @@ class Planner:
             "update": (  # one call per mini-batch
                 (fns.update, (state, batch, scalar(jnp.int32), inputs)),
                 others + check_copy,
-                model_flops(self.cfg, tokens // self.updates, ctx, passes, head_passes) / chips,
+                model_flops(self.cfg, tokens // self.mini_batches, ctx, passes, head_passes)
+                / chips,
             ),
             "step_inputs": (
                 (fns.step_inputs, (state, resp, resp, scalar(jnp.int32))),

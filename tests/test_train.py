@@ -62,6 +62,7 @@ def tiny_config(policy, workdir, **overrides):
         ("data.train_files", "/nonexistent/*.jsonl", "'/nonexistent/\\*.jsonl' matches no file"),
         ("mesh.shape", (1, -1, -1), "config.mesh.shape"),
         ("algo.kl_clamp", -1.0, r"config.algo.kl_clamp=-1.0: must be >= 0 \(0 = off\)"),
+        ("train.ppo_epochs", 0, r"config.train.ppo_epochs=0: must be >= 1"),
     ],
 )
 def test_invalid_config_names_key_and_range(key, value, message):
@@ -304,6 +305,38 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
                 np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-7, err_msg=k)
             else:
                 assert ra[k] == rb[k], k
+
+
+def test_ppo_epochs_visit_every_mini_batch_once_per_epoch(tiny_policy, tmp_path):
+    """`train.ppo_epochs=2`: the mini-batches in order, twice, all against the step's old
+    log-probs (the first update is on-policy, the second epoch is not); the optimizer
+    schedule counts every update."""
+    import dataclasses
+
+    from jaxrlvr import train
+
+    kw = {
+        "train.steps": 2, "train.ppo_epochs": 2, "train.eval_every": 0,
+        "train.checkpoint_every": 0, "algo.entropy_coef": 0.05,  # moves the random policy
+        "optim.warmup_steps": 1, "optim.lr": 1e-3,
+    }  # fmt: skip
+    trainer = train.Trainer(tiny_config(tiny_policy, tmp_path, **kw))
+    programs, calls = trainer.learner.programs, []
+
+    def update(state, batch, k, inputs):
+        state, metrics = programs.update(state, batch, k, inputs)
+        calls.append((int(k), float(metrics["approx_kl"])))
+        return state, metrics
+
+    trainer.learner.programs = dataclasses.replace(programs, update=update)
+    trainer.run()
+    assert [k for k, _ in calls] == [0, 1, 0, 1] * 2
+    kls = [kl for _, kl in calls[:4]]  # the first step
+    assert kls[0] < 1e-10 and min(kls[2:]) > 100 * max(kls[0], 1e-12)
+    # One step of warm-up spans the step's 4 updates (2 if epochs were not counted):
+    # the first step's last update runs at 3/4 of the peak.
+    assert [r["lr"] for r in read_metrics(tmp_path)] == pytest.approx([0.75e-3, 1e-3])
+    assert float(trainer.learner.schedule(1)) == pytest.approx(1e-3 / 4)
 
 
 @pytest.mark.parametrize(
