@@ -19,14 +19,25 @@ INTERVENTIONS = (
     "none", "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "pos_adv", "steer",
 )  # fmt: skip
 POS_ADV_SCHEDULES = ("constant", "stage", "epoch", "entropy_guided", "rand_pos_clip")
-PRESET_NAMES = ("demo", "demo-hard", "qwen2.5-math-7b", "qwen2.5-math-1.5b", "qwen2.5-0.5b")
+PRESET_NAMES = (
+    "demo",
+    "demo-hard",
+    "demo-fork",
+    "qwen2.5-math-7b",
+    "qwen2.5-math-1.5b",
+    "qwen2.5-0.5b",
+)
 LOSS_AGG_MODES = (
     "token-mean",
     "seq-mean-token-mean",
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
-DEMO_PRESETS = ("demo", "demo-hard")  # the embedded demo policy and data, built and cached
+DEMO_PRESETS = (
+    "demo",
+    "demo-hard",
+    "demo-fork",
+)  # the embedded demo policy and data, built and cached
 
 
 def is_demo(preset: str) -> bool:
@@ -148,7 +159,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
 
     if is_demo(preset):
         _demo(c)
-        if preset == "demo-hard":
+        if preset in ("demo-hard", "demo-fork"):
             _demo_hard(c)
     elif preset == "qwen2.5-math-1.5b":
         c.train.prompts_per_step = 128

@@ -14,7 +14,11 @@ cached under `$JAXRLVR_CACHE` (default `~/.cache/jaxrlvr/`) in a subdirectory ke
 hash of the settings and `FORMAT_VERSION`; later calls reuse it. A build is written to a
 temporary directory and renamed into place, so an interrupted build leaves nothing behind.
 
-CLI: `python -m jaxrlvr.demo_policy [--cache-dir DIR] [--force]`.
+Each demo preset names its settings (`PRESET_SETTINGS`): `demo` and `demo-hard` share
+one policy; `demo-fork`'s is warm-started on a mixture of two solution styles (see
+`jaxrlvr.data.arithmetic.write_solution`).
+
+CLI: `python -m jaxrlvr.demo_policy [--preset NAME] [--cache-dir DIR] [--force]`.
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ class DemoPolicySettings:
     weight_decay: float = 0.01
     seed: int = 0
     error_rate: float = 0.15  # chance that each worked step's result is off (noise)
+    # the careful style (`write_solution`): this fraction of solutions starts with `(`,
+    # has this error rate and free `;`/space separators; 0 = one style only
+    careful_frac: float = 0.0
+    careful_error_rate: float = 0.0
     # data and difficulty
     num_train: int = 4096
     num_eval: int = 256
@@ -97,8 +105,9 @@ class DemoPolicySettings:
         for name in ("steps", "batch_size", "num_train", "num_eval", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate={self.error_rate}: must be in [0, 1]")
+        for name in ("error_rate", "careful_frac", "careful_error_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1]")
         if not 1 <= self.min_ops <= self.max_ops:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
         if self.max_operand < 0:
@@ -127,10 +136,12 @@ class DemoPolicySettings:
         )
 
     def cache_key(self) -> str:
-        """A short hash of the settings and the format version."""
-        blob = json.dumps(
-            {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True
-        )
+        """A short hash of the settings and the format version (a one-style policy keeps
+        the key it had before the careful style existed)."""
+        fields = dataclasses.asdict(self)
+        if not self.careful_frac:
+            del fields["careful_frac"], fields["careful_error_rate"]
+        blob = json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -145,12 +156,28 @@ def max_solution_length(s: DemoPolicySettings) -> int:
     num = len(str(s.max_operand))
     res = len(str((s.max_ops + 1) * s.max_operand + 10 * s.max_ops)) + 1  # with a sign
     step = res + 1 + num + 1 + res + 1  # `r1-x=r2;`
-    return s.max_ops * step + 1 + res  # `#r`
+    return (s.careful_frac > 0) + s.max_ops * step + 1 + res  # `(`, steps, `#r`
 
 
 def max_sequence_length(s: DemoPolicySettings) -> int:
     """`<bos>` + prompt + solution + `<eos>`."""
     return 1 + max_prompt_length(s) + max_solution_length(s) + 1
+
+
+PRESET_SETTINGS: dict[str, DemoPolicySettings] = {
+    "demo": DemoPolicySettings(),
+    "demo-hard": DemoPolicySettings(),  # the demo's policy on the papers' update schedule
+    # A sloppier common style plus 15% careful solutions (3% slips, free separators): a
+    # rare, better strategy, which GRPO squeezes out and Clip-Higher keeps longer.
+    "demo-fork": DemoPolicySettings(error_rate=0.25, careful_frac=0.15, careful_error_rate=0.03),
+}
+
+
+def preset_settings(preset: str) -> DemoPolicySettings:
+    """The base policy of a demo preset (`jaxrlvr.config.DEMO_PRESETS`)."""
+    if preset not in PRESET_SETTINGS:
+        raise ValueError(f"no demo policy for preset {preset!r}; one of {list(PRESET_SETTINGS)}")
+    return PRESET_SETTINGS[preset]
 
 
 def default_cache_dir() -> Path:
@@ -185,7 +212,14 @@ def _batch(
     for row, i in enumerate(rng.integers(0, len(problems), size=s.batch_size)):
         p = problems[int(i)]
         prompt = [BOS_ID, *encode(p.prompt)]
-        seq = prompt + encode(write_solution(p, rng, s.error_rate)) + [EOS_ID]
+        solution = write_solution(
+            p,
+            rng,
+            s.error_rate,
+            careful_frac=s.careful_frac,
+            careful_error_rate=s.careful_error_rate,
+        )
+        seq = prompt + encode(solution) + [EOS_ID]
         ids[row, : len(seq)] = seq
         mask[row, len(prompt) - 1 : len(seq) - 1] = 1.0
     return ids, mask
@@ -461,14 +495,16 @@ def _publish(staging: Path, final: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m jaxrlvr.demo_policy [--cache-dir DIR] [--force]`."""
+    """`python -m jaxrlvr.demo_policy [--preset NAME] [--cache-dir DIR] [--force]`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESET_SETTINGS))
     parser.add_argument(
         "--cache-dir", default=None, help="default: $JAXRLVR_CACHE or ~/.cache/jaxrlvr"
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
-    path = build_demo_policy(cache_dir=args.cache_dir, force=args.force)
+    settings = preset_settings(args.preset)
+    path = build_demo_policy(settings, cache_dir=args.cache_dir, force=args.force)
     info = _read_info(path) or {}
     print(path)
     print(f"base accuracy at T=1: {info.get('base_accuracy', float('nan')):.1%}")

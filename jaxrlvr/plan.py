@@ -154,9 +154,9 @@ def model_config(config: ml_collections.ConfigDict) -> Qwen2Config:
     if config.preset in PRESETS:
         return PRESETS[config.preset].replace(**numerics)
     if config_lib.is_demo(config.preset):
-        from jaxrlvr.demo_policy import DemoPolicySettings
+        from jaxrlvr.demo_policy import preset_settings
 
-        return DemoPolicySettings().model_config().replace(**numerics)
+        return preset_settings(config.preset).model_config().replace(**numerics)
     raise PlanError(
         f"config.preset={config.preset!r} has no model config; set config.model.path or use "
         f"one of {', '.join(sorted(PRESETS))}"

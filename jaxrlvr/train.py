@@ -77,9 +77,9 @@ def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.
     """Fill in the demo's model and data (built and cached on first use) where unset."""
     config = ml_collections.ConfigDict(config.to_dict())  # a copy; the caller's stays as given
     if config_lib.is_demo(config.preset) and not config.model.path:
-        from jaxrlvr.demo_policy import build_demo_policy
+        from jaxrlvr.demo_policy import build_demo_policy, preset_settings
 
-        path = build_demo_policy(log=log.info)
+        path = build_demo_policy(preset_settings(config.preset), log=log.info)
         config.model.path = str(path)
         config.data.train_files = config.data.train_files or str(path / "train.jsonl")
         config.data.eval_files = config.data.eval_files or str(path / "eval.jsonl")

@@ -50,7 +50,7 @@ def paths(tmp_path):
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_demo_hard_is_the_demo_on_the_reference_update_schedule(name):
     """`:demo-hard` changes only the updates per step and the lr (and, as in the STEER
-    runs, STEER's upper clip); it needs no paths either."""
+    runs, STEER's upper clip); it needs no paths either, nor does `:demo-fork`."""
     demo, hard = get_config(name, "demo"), get_config(name, "demo-hard")
     validate(hard)
     assert updates_per_step(demo) == 2 and updates_per_step(hard) == 16
@@ -59,6 +59,10 @@ def test_demo_hard_is_the_demo_on_the_reference_update_schedule(name):
     diff = {k for k, v in after.items() if before.get(k) != v}
     expected = {"preset", "train.mini_batch_prompts", "optim.lr"}
     assert diff == expected | ({"algo.eps_high"} if name == "steer.py" else set())
+    # `:demo-fork` is `demo-hard` on another base policy (`jaxrlvr.demo_policy`).
+    fork = get_config(name, "demo-fork")
+    validate(fork)
+    assert fork.to_dict() == hard.to_dict() | {"preset": "demo-fork"}
 
 
 def test_every_method_has_a_config_file():

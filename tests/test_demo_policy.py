@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxrlvr import demo_policy as dp
-from jaxrlvr.data.arithmetic import generate_problems, write_solution
+from jaxrlvr.config import DEMO_PRESETS
+from jaxrlvr.data.arithmetic import check_answer, generate_problems, write_solution
 from jaxrlvr.models.checkpoint import load_hf_checkpoint
 
 TINY = dp.DemoPolicySettings(
@@ -164,6 +165,49 @@ def test_sequence_bounds_cover_noisy_solutions():
     assert max(len(write_solution(p, rng, 1.0)) for p in problems) <= dp.max_solution_length(s)
 
 
+def test_careful_style_solutions():
+    """The careful style: a `careful_frac` share of solutions, marked by `(`, with their
+    own error rate and free `;`/space separators; the rest are the common style."""
+    problems = generate_problems(4000, seed=1, min_ops=1, max_ops=3, max_operand=9)
+    rng = np.random.default_rng(0)
+    out = [write_solution(p, rng, 1.0, careful_frac=0.3, careful_error_rate=0.0) for p in problems]
+    careful = np.array([o.startswith("(") for o in out])
+    assert abs(careful.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(problems))
+    for p, o, c in zip(problems, out, careful, strict=True):
+        if c:  # exact, with the plain solution's steps
+            plain = o[1:].replace(" ", ";")
+            assert plain == write_solution(p) and check_answer(o, p.answer)
+        else:  # every common-style step is off (error_rate 1): the first one is wrong
+            assert " " not in o and "(" not in o
+            lhs, rhs = o.split(";")[0].split("=")
+            assert int(rhs) != eval(lhs)
+    n_space = sum(ch == " " for o in out if o.startswith("(") for ch in o)
+    n_steps = sum(len(p.ops) for p, c in zip(problems, careful, strict=True) if c)
+    assert abs(n_space / n_steps - 0.5) < 4 * np.sqrt(0.25 / n_steps)
+    s = dp.DemoPolicySettings(max_ops=4, max_operand=99, careful_frac=1.0, careful_error_rate=1.0)
+    hard = generate_problems(500, seed=0, min_ops=4, max_ops=4, max_operand=99)
+    longest = max(len(write_solution(p, rng, 0.0, careful_frac=1.0, careful_error_rate=1.0))
+                  for p in hard)  # fmt: skip
+    assert longest <= dp.max_solution_length(s)
+
+
+def test_careful_style_settings_and_presets():
+    """One-style settings keep their cache key whatever `careful_error_rate` says; each demo
+    preset has a base policy, `demo-fork`'s with the careful style."""
+    plain = dp.DemoPolicySettings()
+    assert dataclasses.replace(plain, careful_error_rate=0.5).cache_key() == plain.cache_key()
+    mixed = dataclasses.replace(plain, careful_frac=0.1)
+    assert mixed.cache_key() != plain.cache_key()
+    assert dataclasses.replace(mixed, careful_error_rate=0.5).cache_key() != mixed.cache_key()
+    assert set(dp.PRESET_SETTINGS) == set(DEMO_PRESETS)
+    assert dp.preset_settings("demo") == dp.preset_settings("demo-hard") == plain
+    assert dp.preset_settings("demo-fork").careful_frac > 0
+    with pytest.raises(ValueError, match="careful_frac"):
+        dp.DemoPolicySettings(careful_frac=1.5)
+    with pytest.raises(ValueError, match="no demo policy for preset 'qwen2.5-math-7b'"):
+        dp.preset_settings("qwen2.5-math-7b")
+
+
 def test_sampler_stops_at_eos(built):
     model = load_hf_checkpoint(built[0])
     out = dp.sample_responses(model, ["1+2=", "9-3+4="], max_new_tokens=12, seed=0)
@@ -192,11 +236,13 @@ def test_cli_prints_path_and_accuracy(built, capsys, monkeypatch):
     seen = {}
 
     def fake_build(settings=None, cache_dir=None, log=print, *, force=False):
-        seen.update(cache_dir=cache_dir, force=force)
+        seen.update(cache_dir=cache_dir, force=force, settings=settings)
         return path
 
     monkeypatch.setattr(dp, "build_demo_policy", fake_build)
     dp.main(["--cache-dir", str(cache), "--force"])
     out = capsys.readouterr().out
     assert str(path) in out and "base accuracy at T=1" in out
-    assert seen == {"cache_dir": str(cache), "force": True}
+    assert seen == {"cache_dir": str(cache), "force": True, "settings": dp.PRESET_SETTINGS["demo"]}
+    dp.main(["--preset", "demo-fork", "--cache-dir", str(cache)])
+    assert seen["settings"] == dp.PRESET_SETTINGS["demo-fork"] and not seen["force"]

@@ -99,22 +99,35 @@ def write_solution(
     problem: ArithmeticProblem,
     rng: np.random.Generator | None = None,
     error_rate: float = 0.0,
+    *,
+    careful_frac: float = 0.0,
+    careful_error_rate: float = 0.0,
 ) -> str:
     """The worked solution `a+b=r1;r1-c=r2;#r2`.
 
     With `rng` and `error_rate > 0`, each step's result is independently off by a small
     nonzero amount with probability `error_rate`, and later steps carry the mistake on:
     noisy demonstrations for a warm start that is right only some of the time.
+
+    With `rng` and `careful_frac > 0`, that fraction of solutions is written in a second,
+    *careful* style: marked by a leading `(`, each step's result off with probability
+    `careful_error_rate` instead, and each step ended by `;` or a space at random:
+    `(a+b=r1 r1-c=r2;#r2`. A policy warm-started on the mixture starts most responses
+    the common way and a few the careful way, which is more often right: a rare,
+    better strategy chosen by the first token, with free choices along the way.
     """
+    careful = rng is not None and careful_frac > 0 and rng.random() < careful_frac
+    rate = careful_error_rate if careful else error_rate
     acc = problem.operands[0]
     parts = []
     for op, x in zip(problem.ops, problem.operands[1:], strict=True):
         new = acc + x if op == "+" else acc - x
-        if rng is not None and error_rate > 0 and rng.random() < error_rate:
+        if rng is not None and rate > 0 and rng.random() < rate:
             new += int(rng.choice([-10, -2, -1, 1, 2, 10]))
-        parts.append(f"{acc}{op}{x}={new}")
+        end = (";" if rng.random() < 0.5 else " ") if careful else ";"
+        parts.append(f"{acc}{op}{x}={new}{end}")
         acc = new
-    return ";".join(parts) + f";#{acc}"
+    return ("(" if careful else "") + "".join(parts) + f"#{acc}"
 
 
 def extract_answer(response: str) -> int | None:
