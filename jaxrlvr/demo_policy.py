@@ -355,7 +355,9 @@ def measure_accuracy(
     model: Qwen2, rows: list[dict[str, str]], s: DemoPolicySettings, *, seed: int = 0
 ) -> dict[str, float]:
     """Accuracy (exact answer, ended with `<eos>`) and `<eos>` rate of `s.eval_samples`
-    samples per row (`prompt`, `answer`) at temperature 1."""
+    samples per row (`prompt`, `answer`) at temperature 1; for a two-style policy
+    (`s.careful_frac > 0`) also the share of careful responses (those starting with `(`)
+    and the accuracy of each style (NaN for a style never sampled)."""
     prompts = [r["prompt"] for r in rows] * s.eval_samples
     answers = [r["answer"] for r in rows] * s.eval_samples
     res = sample_responses(
@@ -365,12 +367,23 @@ def measure_accuracy(
         seed=seed,
         prompt_length=max_prompt_length(s) + 1,
     )
-    correct = [done and check_answer(text, a) for (text, done), a in zip(res, answers, strict=True)]
-    return {
+    correct = np.array(
+        [done and check_answer(text, a) for (text, done), a in zip(res, answers, strict=True)]
+    )
+    out = {
         "accuracy": float(np.mean(correct)),
         "eos_rate": float(np.mean([done for _, done in res])),
         "num_samples": len(res),
     }
+    if s.careful_frac > 0:
+        careful = np.array([text.startswith("(") for text, _ in res])
+        style_acc = lambda m: float(np.mean(correct[m])) if m.any() else float("nan")  # noqa: E731
+        out |= {
+            "careful_share": float(np.mean(careful)),
+            "careful_accuracy": style_acc(careful),
+            "common_accuracy": style_acc(~careful),
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- build / cache
@@ -456,6 +469,11 @@ def build_demo_policy(
             "eval_samples": metrics["num_samples"],
             "train_accuracy": train_metrics["accuracy"],
             "train_eos_rate": train_metrics["eos_rate"],
+            **{
+                f"train_{k}": v
+                for k, v in train_metrics.items()
+                if k.startswith(("careful", "common"))
+            },
             "temperature": 1.0,
             "max_prompt_tokens": max_prompt_length(settings) + 1,
             "max_response_tokens": max_solution_length(settings) + 1,

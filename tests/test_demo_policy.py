@@ -208,6 +208,32 @@ def test_careful_style_settings_and_presets():
         dp.preset_settings("qwen2.5-math-7b")
 
 
+def test_measure_accuracy_per_style(built, tmp_path, monkeypatch):
+    """A two-style policy's measurement splits by the first character: the careful share
+    and each style's accuracy (a one-style policy's has no such keys); a two-style build
+    records them for its train prompts."""
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "5-1=", "answer": "4"}]
+    # answers 3, 4, 3, 4: careful right, common wrong, careful wrong, common right
+    texts = ["(1+2=3 #3", "5-1=5;#5", "(1+2=2;#2", "5-1=4;#4"]
+    fake = lambda model, prompts, **kw: [(t, True) for t in texts]  # noqa: E731
+    monkeypatch.setattr(dp, "sample_responses", fake)
+    two = dataclasses.replace(TINY, careful_frac=0.5, eval_samples=2)
+    m = dp.measure_accuracy(None, rows, two)
+    assert m["accuracy"] == 0.5 and m["careful_share"] == 0.5
+    assert m["careful_accuracy"] == 0.5 and m["common_accuracy"] == 0.5
+    texts[:] = ["(1+2=3;#3", "(5-1=4;#4", "(1+2=4;#4", "(5-1=4;#4"]
+    m = dp.measure_accuracy(None, rows, two)
+    assert m["careful_share"] == 1.0 and m["careful_accuracy"] == 0.75
+    assert np.isnan(m["common_accuracy"])
+    assert "careful_share" not in dp.measure_accuracy(None, rows, TINY)
+    monkeypatch.undo()
+    info = json.loads(
+        (dp.build_demo_policy(two, cache_dir=tmp_path, log=Logs()) / dp.INFO_FILE).read_text()
+    )
+    assert 0.0 <= info["train_careful_share"] <= 1.0 and "train_common_accuracy" in info
+    assert "train_careful_share" not in json.loads((built[0] / dp.INFO_FILE).read_text())
+
+
 def test_sampler_stops_at_eos(built):
     model = load_hf_checkpoint(built[0])
     out = dp.sample_responses(model, ["1+2=", "9-3+4="], max_new_tokens=12, seed=0)
