@@ -33,11 +33,8 @@ LOSS_AGG_MODES = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
-DEMO_PRESETS = (
-    "demo",
-    "demo-hard",
-    "demo-fork",
-)  # the embedded demo policy and data, built and cached
+# The embedded demo presets: their policies and data are built and cached on first use.
+DEMO_PRESETS = ("demo", "demo-hard", "demo-fork")
 
 
 def is_demo(preset: str) -> bool:
@@ -206,7 +203,8 @@ def _demo_hard(c: ml_collections.ConfigDict) -> None:
     The reference runs take 16 optimizer updates per step (512 prompts in mini-batches of
     32); the demo takes 2. With 16 the later updates are off-policy enough for the PPO
     clip to bind (`pg_clipfrac` about 7e-3 instead of 1e-3), and "Adv>=0 only" collapses
-    entropy below GRPO as the papers report.
+    entropy below GRPO as the papers report. `demo-fork` trains the same way from another
+    base policy (`jaxrlvr.demo_policy.PRESET_SETTINGS`).
     """
     c.train.mini_batch_prompts = 2  # 32 prompts per step: 16 updates of 16 sequences
     c.optim.lr = 7e-5  # 16 updates of 2e-4 break the policy; 1e-4 barely improves GRPO

@@ -156,7 +156,7 @@ def max_solution_length(s: DemoPolicySettings) -> int:
     num = len(str(s.max_operand))
     res = len(str((s.max_ops + 1) * s.max_operand + 10 * s.max_ops)) + 1  # with a sign
     step = res + 1 + num + 1 + res + 1  # `r1-x=r2;`
-    return (s.careful_frac > 0) + s.max_ops * step + 1 + res  # `(`, steps, `#r`
+    return int(s.careful_frac > 0) + s.max_ops * step + 1 + res  # `(`, steps, `#r`
 
 
 def max_sequence_length(s: DemoPolicySettings) -> int:
@@ -168,7 +168,7 @@ PRESET_SETTINGS: dict[str, DemoPolicySettings] = {
     "demo": DemoPolicySettings(),
     "demo-hard": DemoPolicySettings(),  # the demo's policy on the papers' update schedule
     # A sloppier common style plus 15% careful solutions (3% slips, free separators): a
-    # rare, better strategy, which GRPO squeezes out and Clip-Higher keeps longer.
+    # rare, better strategy, which GRPO squeezes out (docs/methods.md, demo-fork).
     "demo-fork": DemoPolicySettings(error_rate=0.25, careful_frac=0.15, careful_error_rate=0.03),
 }
 
