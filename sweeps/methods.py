@@ -5,6 +5,8 @@
     python -m jaxrlvr.sweep --sweep=sweeps/methods.py:all --root=runs/methods-all
     python -m jaxrlvr.sweep --sweep=sweeps/methods.py:demo-hard,seeds=3 --root=runs/methods-hard \
         --baseline=grpo --window=20
+    python -m jaxrlvr.sweep --sweep=sweeps/methods.py:demo-fork,seeds=3 --root=runs/methods-fork \
+        --baseline=grpo --window=20
 
 ARG: a preset (`demo` by default), `seeds=N` (seeds 0..N-1 per method), `all` (also the
 variants: pos_adv schedules and ablations, linear STEER), `methods=a+b` (config
