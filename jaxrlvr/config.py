@@ -156,7 +156,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
 
     if is_demo(preset):
         _demo(c)
-        if preset in ("demo-hard", "demo-fork"):
+        if preset != "demo":  # demo-hard, demo-fork: the papers' update schedule
             _demo_hard(c)
     elif preset == "qwen2.5-math-1.5b":
         c.train.prompts_per_step = 128

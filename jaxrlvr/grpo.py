@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from jaxrlvr import config as config_lib
 from jaxrlvr import losses
 from jaxrlvr.packing import device_order, merge_rows, split_rows, take_per_shard
 
@@ -74,7 +75,7 @@ class LossSettings:
     method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
     total_steps: int = 1
     num_epochs: int = 1
-    updates: int = 1  # mini-batches per step (each one optimizer update per PPO epoch)
+    mini_batches: int = 1  # per step; each is one optimizer update per PPO epoch
     batch_shards: int = 1  # devices the batch is split over (data x fsdp)
 
     def arg(self, name: str) -> Any:
@@ -103,7 +104,7 @@ class LossSettings:
             method=tuple(sorted(method.to_dict().items())) if method is not None else (),
             total_steps=int(config.train.steps),
             num_epochs=int(num_epochs),
-            updates=int(config.train.prompts_per_step // config.train.mini_batch_prompts),
+            mini_batches=config_lib.mini_batches_per_step(config),
             batch_shards=int(batch_shards),
         )
 
@@ -279,7 +280,7 @@ def _map_micro_batches(fn, batch: Batch, s: LossSettings):
 
 def mini_batch(batch: Batch, k: Array, s: LossSettings) -> Batch:
     """Mini-batch k (a traced index) of the step's batch, sliced within each device."""
-    return jax.tree.map(lambda x: x[k], split_rows(batch, s.updates, s.batch_shards))
+    return jax.tree.map(lambda x: x[k], split_rows(batch, s.mini_batches, s.batch_shards))
 
 
 def policy_pass(graphdef, params, batch: Batch, s: LossSettings) -> tuple[Array, Array]:

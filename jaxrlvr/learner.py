@@ -117,7 +117,7 @@ class Learner:
             params_before = jax.tree.map(jnp.copy, self.state.params)
         per_update = []
         for _ in range(c.train.ppo_epochs):  # each epoch visits the mini-batches in order
-            for k in range(config_lib.mini_batches_per_step(c)):  # sliced on device, per shard
+            for k in range(self.settings.mini_batches):  # sliced on device, per shard
                 self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
                 per_update.append(m)
         step_entropy = losses.masked_mean(entropy, mask)

@@ -110,7 +110,7 @@ def test_device_order_makes_micro_batches_local_slices():
     settings = grpo.LossSettings(
         temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=None,
         loss_agg="token-mean", kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-        logp_chunk=4, micro_batch=micro, updates=2, batch_shards=shards,
+        logp_chunk=4, micro_batch=micro, mini_batches=2, batch_shards=shards,
     )  # fmt: skip
     x = jax.device_put(jnp.asarray(logical[order]), rows)
     fn = jax.jit(lambda b, k: grpo.mini_batch(b, k, settings), out_shardings=rows)
