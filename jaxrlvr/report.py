@@ -13,7 +13,9 @@ to DIR:
   `predicted_final` / `actual_final` (or the reason a fit could not be made);
 - `index.md`: the figures and a table of every run; for runs that logged the first-order
   entropy-change check (`diagnostics.entropy_check_every`), a second table of how well the
-  prediction `dH_predicted` matched the measured `dH_actual` (`entropy_check`).
+  prediction `dH_predicted` matched the measured `dH_actual` (`entropy_check`), and a
+  table of where the PPO clip bound (`clipping`: either side, the upper side, the upper
+  side on low-probability tokens, and `approx_kl`, each a mean over the steps).
 
 The score is `--score` (default `eval_avg@4`, the demo's Avg@4; any metric works, e.g.
 `reward_mean`). A directory without `metrics.jsonl`, or a run without score rows, is
@@ -46,6 +48,7 @@ CURVES = {  # figure -> (metric, axis label)
     "length": ("response_length_mean", "response length (tokens)"),
 }
 COV_FRACTIONS = ("0.02pct", "0.2pct", "2pct", "20pct", "50pct")
+CLIP_KEYS = ("pg_clipfrac", "pg_clipfrac_pos", "pg_clipfrac_pos_lowp", "approx_kl")
 
 
 class ReportError(ValueError):
@@ -204,6 +207,15 @@ def entropy_check(rows: list[dict]) -> dict[str, float] | None:
     }
 
 
+def clipping(rows: list[dict]) -> dict[str, float] | None:
+    """The mean over a run's training steps of each of `CLIP_KEYS` (where the PPO clip
+    bound, and how far the policy moved per update); None if the run did not log them."""
+    steps = [r for r in rows if all(r.get(k) is not None for k in CLIP_KEYS)]
+    if not steps:
+        return None
+    return {"steps": len(steps)} | {k: float(np.mean([r[k] for r in steps])) for k in CLIP_KEYS}
+
+
 def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str], window: int):
     """`index.md`: the figures, then a row per run (and one per run with entropy checks)."""
     lines = ["# Report", ""]
@@ -249,6 +261,20 @@ def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str],
                 f"{c['token_corr_min']:.3f} | {c['sign_agreement']:.0%} | "
                 f"{c['actual_mean']:.3g} / {c['predicted_mean']:.3g} |"
             )
+    clips = {label: clipping(rows) for label, rows in runs.items()}
+    clips = {label: c for label, c in clips.items() if c is not None}
+    if clips:
+        lines += [
+            "",
+            "Clipping (token shares, means over the steps; `pos`: the upper side, A > 0; "
+            "`pos_lowp`: of those, old probability below 0.2):",
+            "",
+            "| run | steps | " + " | ".join(f"`{k}`" for k in CLIP_KEYS) + " |",
+            "|---" * (2 + len(CLIP_KEYS)) + "|",
+        ]
+        for label, c in clips.items():
+            cells = [label, str(c["steps"]), *(f"{c[k]:.3g}" for k in CLIP_KEYS)]
+            lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

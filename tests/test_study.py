@@ -122,6 +122,29 @@ def test_entropy_check_summary_against_numpy(tmp_path):
     report.report([str(run)], str(tmp_path / "out"), score="reward_mean")
     index = (tmp_path / "out" / "index.md").read_text()
     assert f"| run | 10 | {got['step_mean_corr']:.3f} |" in index
+    assert "Clipping" not in index  # no step logged the clip shares
+
+
+def test_clipping_summary_against_numpy(tmp_path):
+    rng = np.random.default_rng(1)
+    shares = rng.uniform(0, 1e-2, (12, len(report.CLIP_KEYS)))
+    rows = [{"step": 0, "eval_avg@4": 0.3}] + [  # the eval row carries no clip shares
+        {"step": i + 1, "entropy": 0.1, "reward_mean": 0.5,
+         **dict(zip(report.CLIP_KEYS, v, strict=True))}
+        for i, v in enumerate(shares)
+    ]  # fmt: skip
+    got = report.clipping(rows)
+    assert got["steps"] == 12
+    for k, mean in zip(report.CLIP_KEYS, shares.mean(axis=0), strict=True):
+        assert got[k] == pytest.approx(mean, rel=1e-12)
+    assert report.clipping(rows[:1]) is None
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.report([str(run)], str(tmp_path / "out"), score="reward_mean")
+    index = (tmp_path / "out" / "index.md").read_text()
+    cells = " | ".join(f"{got[k]:.3g}" for k in report.CLIP_KEYS)
+    assert f"| run | 12 | {cells} |" in index
 
 
 # ---------------------------------------------------------------------------- sweeps

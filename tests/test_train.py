@@ -196,6 +196,43 @@ def test_first_update_is_on_policy():
     assert float(m["approx_kl"]) < 1e-10 and float(m["pg_clipfrac"]) == 0.0
 
 
+def test_upper_clip_fractions_match_numpy(monkeypatch):
+    """`pg_clipfrac_pos` (A > 0 and r > 1 + eps_high) and `pg_clipfrac_pos_lowp` (those
+    with old probability below `grpo.LOW_PROB`) against a NumPy count over the tokens.
+    A random tiny model gives every token a probability near 1/V, so the threshold is set
+    to the median old probability of the upper-clipped tokens, for both kinds to occur."""
+    c = base_config("demo")
+    c.algo.eps_low, c.algo.eps_high = 0.2, 0.28
+    c.data.max_prompt_len = 6
+    c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
+    c.train.micro_batch_sequences = 4
+    cfg = preset("tiny")
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(4)), nnx.Param)
+    s = grpo.LossSettings.from_config(c)
+    batch = _random_batch(cfg, 8, 6, 8, micro_batch=4)
+    logp, _ = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))(params, batch)
+    logp, mask = np.asarray(logp), np.asarray(batch.response_mask)
+    rng = np.random.RandomState(5)
+    old = logp - rng.uniform(-0.6, 0.6, logp.shape).astype(np.float32)  # ratios 0.55-1.8
+    adv = np.where(np.arange(8) % 2 == 0, 1.0, -1.0).astype(np.float32)  # [N]
+    ratio = np.exp(logp - old)
+    upper = (adv[:, None] > 0) & (ratio > 1.28) & (mask > 0)
+    lower = (adv[:, None] < 0) & (ratio < 0.8) & (mask > 0)
+    monkeypatch.setattr(grpo, "LOW_PROB", float(np.median(np.exp(old[upper]))))
+    lowp = np.exp(old) < grpo.LOW_PROB
+    frac = lambda x: np.sum(x * mask) / np.sum(mask)  # noqa: E731
+    assert 0 < frac(upper & lowp) < frac(upper) and frac(lower) > 0  # every case occurs
+
+    batch = batch._replace(old_logp=jnp.asarray(old), advantages=jnp.asarray(adv))
+    tx, _ = grpo.make_optimizer(c.optim, 10, 1)
+    state = grpo.init_state(params, tx, c)
+    inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
+    _, m = grpo.update(state, graphdef, tx, batch, 0, inputs, s)
+    np.testing.assert_allclose(m["pg_clipfrac"], frac(upper | lower), rtol=1e-6)
+    np.testing.assert_allclose(m["pg_clipfrac_pos"], frac(upper), rtol=1e-6)
+    np.testing.assert_allclose(m["pg_clipfrac_pos_lowp"], frac(upper & lowp), rtol=1e-6)
+
+
 def test_non_finite_update_leaves_the_state_unchanged():
     """The on-device guard: a NaN loss skips the update (parameters and moments kept)."""
     c = base_config("demo")
@@ -258,7 +295,8 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
     rows = rows[1:]
     for key in (
         "entropy", "reward_mean", "accuracy", "response_length_mean", "response_length_max",
-        "truncated_frac", "pg_clipfrac", "pg_clipfrac_lower", "approx_kl", "grad_norm", "lr",
+        "truncated_frac", "pg_clipfrac", "pg_clipfrac_pos", "pg_clipfrac_pos_lowp",
+        "pg_clipfrac_lower", "approx_kl", "grad_norm", "lr",
         "advantage_pos_frac", "reward_errors", "time_rollout", "time_update", "time_step",
         "tokens_per_s", "entropy_delta",
     ):  # fmt: skip
