@@ -171,16 +171,22 @@ def test_micro_batch_invariance(loss_agg):
     assert float(m1["grad_norm"]) > 0
 
 
-def test_first_update_is_on_policy():
-    """With old log-probs from the policy pass, the first update's ratio is exactly 1."""
+def _one_update_setup(seed: int, resp_len: int = 5):
+    """A demo config whose step is one mini-batch of 8 sequences (micro-batches of 4), a
+    random tiny policy (graphdef, params) and a random batch for it."""
     c = base_config("demo")
     c.data.max_prompt_len = 6
     c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
     c.train.micro_batch_sequences = 4
     cfg = preset("tiny")
-    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(2)), nnx.Param)
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    return c, cfg, graphdef, params, _random_batch(cfg, 8, 6, resp_len, micro_batch=4)
+
+
+def test_first_update_is_on_policy():
+    """With old log-probs from the policy pass, the first update's ratio is exactly 1."""
+    c, cfg, graphdef, params, batch = _one_update_setup(2)
     s = grpo.LossSettings.from_config(c)
-    batch = _random_batch(cfg, 8, 6, 5, micro_batch=4)
     logp, ent = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))(params, batch)
     # Reference: a full forward pass of each sequence alone, log_softmax at temperature 1.
     _, prompts, responses = _random_rollouts(cfg, 8, 6, 5)
@@ -201,15 +207,9 @@ def test_upper_clip_fractions_match_numpy(monkeypatch):
     with old probability below `grpo.LOW_PROB`) against a NumPy count over the tokens.
     A random tiny model gives every token a probability near 1/V, so the threshold is set
     to the median old probability of the upper-clipped tokens, for both kinds to occur."""
-    c = base_config("demo")
+    c, _, graphdef, params, batch = _one_update_setup(4, resp_len=8)
     c.algo.eps_low, c.algo.eps_high = 0.2, 0.28
-    c.data.max_prompt_len = 6
-    c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
-    c.train.micro_batch_sequences = 4
-    cfg = preset("tiny")
-    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(4)), nnx.Param)
     s = grpo.LossSettings.from_config(c)
-    batch = _random_batch(cfg, 8, 6, 8, micro_batch=4)
     logp, _ = jax.jit(lambda p, b: grpo.policy_pass(graphdef, p, b, s))(params, batch)
     logp, mask = np.asarray(logp), np.asarray(batch.response_mask)
     rng = np.random.RandomState(5)
@@ -235,16 +235,10 @@ def test_upper_clip_fractions_match_numpy(monkeypatch):
 
 def test_non_finite_update_leaves_the_state_unchanged():
     """The on-device guard: a NaN loss skips the update (parameters and moments kept)."""
-    c = base_config("demo")
-    c.data.max_prompt_len = 6
-    c.train.prompts_per_step = c.train.mini_batch_prompts
-    c.train.micro_batch_sequences = 4
-    cfg = preset("tiny")
-    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    c, _, graphdef, params, batch = _one_update_setup(3)
     s = grpo.LossSettings.from_config(c)
     tx, _ = grpo.make_optimizer(c.optim, 10, 1)
     state = grpo.init_state(params, tx, c)
-    batch = _random_batch(cfg, 8, 6, 5, micro_batch=4)
     inputs = grpo.step_inputs(state, batch.old_logp, batch.response_mask, jnp.int32(0), s)
     update = jax.jit(lambda st, b: grpo.update(st, graphdef, tx, b, 0, inputs, s))
     before = jax.tree.leaves(jax.tree.map(np.asarray, (state.params, state.opt_state)))
