@@ -30,6 +30,7 @@ from flax import nnx, struct
 
 from jaxrlvr import config as config_lib
 from jaxrlvr import losses
+from jaxrlvr.metrics import LOW_PROB
 from jaxrlvr.packing import device_order, merge_rows, split_rows, take_per_shard
 
 __all__ = ["device_order", "merge_rows", "split_rows"]  # the row layout, re-exported
@@ -333,11 +334,6 @@ def token_policy_loss(key, logp, mb: Batch, inputs: StepInputs, s: LossSettings)
         )  # fmt: skip
     weights = jax.lax.stop_gradient(weights)
     return terms.loss * weights, terms.clipped, terms.dual_clipped, selected, weights
-
-
-# `pg_clipfrac_pos_lowp` counts upper-clipped tokens whose behaviour probability was below
-# this: DAPO finds the tokens its Clip-Higher frees are almost all under about 0.2.
-LOW_PROB = 0.2
 
 
 def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: LossSettings):

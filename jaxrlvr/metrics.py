@@ -13,6 +13,10 @@ from jaxrlvr.record import write_atomic
 
 log = logging.getLogger(__name__)
 
+# `pg_clipfrac_pos_lowp` counts the upper-clipped tokens whose behaviour probability was
+# below this: DAPO finds the tokens its Clip-Higher frees are almost all under about 0.2.
+LOW_PROB = 0.2
+
 
 class MetricsWriter:
     """Appends one JSON object per step to `workdir/metrics.jsonl`, mirrored to TensorBoard.

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxrlvr import entropy_law
-from jaxrlvr.metrics import read_metrics
+from jaxrlvr.metrics import LOW_PROB, read_metrics
 
 log = logging.getLogger("jaxrlvr.report")
 
@@ -267,7 +267,7 @@ def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str],
         lines += [
             "",
             "Clipping (token shares, means over the steps; `pos`: the upper side, A > 0; "
-            "`pos_lowp`: of those, old probability below 0.2):",
+            f"`pos_lowp`: of those, old probability below {LOW_PROB}):",
             "",
             "| run | steps | " + " | ".join(f"`{k}`" for k in CLIP_KEYS) + " |",
             "|---" * (2 + len(CLIP_KEYS)) + "|",
