@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from jaxrlvr.data.arithmetic import (
+    CAREFUL_MARK,
     SPECIAL_TOKENS,
     VOCAB_CHARS,
     ArithmeticProblem,
@@ -376,7 +377,7 @@ def measure_accuracy(
         "num_samples": len(res),
     }
     if s.careful_frac > 0:
-        careful = np.array([text.startswith("(") for text, _ in res])
+        careful = np.array([text.startswith(CAREFUL_MARK) for text, _ in res])
         style_acc = lambda m: float(np.mean(correct[m])) if m.any() else float("nan")  # noqa: E731
         out |= {
             "careful_share": float(np.mean(careful)),

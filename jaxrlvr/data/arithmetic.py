@@ -32,6 +32,8 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0,
 # Every character the task writes, plus a few spares so near-miss outputs stay decodable.
 VOCAB_CHARS: str = "0123456789+-=;#*() \n"
 
+CAREFUL_MARK: str = "("  # opens a solution written in the careful style (`write_solution`)
+
 _ANSWER_RE = re.compile(r"#(-?\d{1,18})\s*$")
 
 
@@ -127,7 +129,7 @@ def write_solution(
         end = (";" if rng.random() < 0.5 else " ") if careful else ";"
         parts.append(f"{acc}{op}{x}={new}{end}")
         acc = new
-    return ("(" if careful else "") + "".join(parts) + f"#{acc}"
+    return (CAREFUL_MARK if careful else "") + "".join(parts) + f"#{acc}"
 
 
 def extract_answer(response: str) -> int | None:
