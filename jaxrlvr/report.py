@@ -128,6 +128,19 @@ def plot_all(runs: dict[str, list[dict]], fits: dict, score: str, out: str, wind
     written = []
 
     def save(fig, name):
+        for ax in fig.axes:  # a legend of the runs, or a note where none has this metric
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, ncol=2)
+            else:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no data in these runs",
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="center",
+                    color="gray",
+                )
         fig.tight_layout()
         fig.savefig(os.path.join(out, name), dpi=110)
         plt.close(fig)
@@ -142,7 +155,6 @@ def plot_all(runs: dict[str, list[dict]], fits: dict, score: str, out: str, wind
                 ax.plot(steps, values, label=label, marker="o" if name == "score" else None, ms=3)
         ax.set(xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
         save(fig, f"{name}.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -155,7 +167,6 @@ def plot_all(runs: dict[str, list[dict]], fits: dict, score: str, out: str, wind
     ax.set(xscale="log", xlabel="top tokens by covariance (%)", ylabel="mean covariance")
     ax.set_title(f"covariance distribution, mean of the last {window} steps", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
     save(fig, "covariance.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -177,7 +188,6 @@ def plot_all(runs: dict[str, list[dict]], fits: dict, score: str, out: str, wind
     ax.set(xlabel="entropy (nats)", ylabel=score)
     ax.set_title("R = -a exp(H) + b", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
     save(fig, "law.png")
     return written
 

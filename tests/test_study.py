@@ -147,6 +147,20 @@ def test_clipping_summary_against_numpy(tmp_path):
     assert f"| run | 12 | {cells} |" in index
 
 
+def test_figures_without_a_metric_say_so(tmp_path):
+    """A run that logged no covariance and no eval still gets every figure, each plot
+    without data marked as such instead of an empty legend (matplotlib warns on those)."""
+    import warnings
+
+    rows = [{"step": i + 1, "entropy": 0.2 - 0.01 * i, "reward_mean": 0.4 + 0.02 * i}
+            for i in range(8)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures = report.plot_all({"run": rows}, {}, "eval_avg@4", str(tmp_path), window=4)
+    assert "covariance.png" in figures and "law.png" in figures
+    assert all((tmp_path / f).stat().st_size > 0 for f in figures)
+
+
 # ---------------------------------------------------------------------------- sweeps
 
 
