@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrlvr import markdown
 from jaxrlvr.config import ConfigError, split_files
 
 ECE_BINS = 10
@@ -284,8 +285,8 @@ def flat_eval_metrics(per_benchmark: dict[str, dict[str, float]]) -> dict[str, f
 def markdown_table(per_benchmark: dict[str, dict[str, float]]) -> str:
     """One row per benchmark, one column per metric."""
     keys = list(next(iter(per_benchmark.values())))
-    lines = ["| benchmark | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, m in per_benchmark.items():
-        cells = [f"{m[k]:.4g}" if isinstance(m[k], float) else str(m[k]) for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [
+        [name, *(f"{m[k]:.4g}" if isinstance(m[k], float) else str(m[k]) for k in keys)]
+        for name, m in per_benchmark.items()
+    ]
+    return "\n".join(markdown.table(["benchmark", *keys], rows)) + "\n"

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from jaxrlvr import entropy_law
+from jaxrlvr import entropy_law, markdown
 from jaxrlvr.metrics import LOW_PROB, read_metrics
 
 log = logging.getLogger("jaxrlvr.report")
@@ -227,14 +227,15 @@ def clipping(rows: list[dict]) -> dict[str, float] | None:
 
 
 def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str], window: int):
-    """`index.md`: the figures, then a row per run (and one per run with entropy checks)."""
+    """`index.md`: the figures, a row per run, then the entropy-check and clipping tables
+    of the runs that logged those metrics."""
     lines = ["# Report", ""]
     lines += [f"![{f[:-4]}]({f})" for f in figures] + [""]
-    head = (
-        f"| run | steps | entropy (first -> last {window}) | reward (last {window}) | "
-        f"{score} (last) | a | b | rmse | predicted final (15%) | actual final |"
-    )
-    lines += [head, "|---" * 10 + "|"]
+    head = [
+        "run", "steps", f"entropy (first -> last {window})", f"reward (last {window})",
+        f"{score} (last)", "a", "b", "rmse", "predicted final (15%)", "actual final",
+    ]  # fmt: skip
+    table = []
     for label, rows in runs.items():
         train = [r for r in rows if "entropy" in r]
         h0 = np.mean([r["entropy"] for r in train[:window]])
@@ -242,49 +243,48 @@ def index_markdown(runs, fits, score: str, figures: list[str], notes: list[str],
         reward = np.mean([r["reward_mean"] for r in train[-window:]])
         scores = _series(rows, score)[1]
         f = fits.get(label, {})
-        cells = [
+        table.append([
             label, str(train[-1]["step"]), f"{h0:.4f} -> {h1:.4f}", f"{reward:.4f}",
             f"{scores[-1]:.4f}" if scores else "-",
             *(f"{f[k]:.4g}" if k in f else "-" for k in ("a", "b", "rmse", "predicted_final",
                                                            "actual_final")),
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        ])  # fmt: skip
+    lines += markdown.table(head, table)
     if "all runs" in fits and "a" in fits["all runs"]:
         f = fits["all runs"]
         lines += ["", f"One fit across all runs: a = {f['a']:.4g}, b = {f['b']:.4g}, "
                   f"rmse = {f['rmse']:.4g} over {f['pairs']} pairs."]  # fmt: skip
-    checks = {label: entropy_check(rows) for label, rows in runs.items()}
-    checks = {label: c for label, c in checks.items() if c is not None}
-    if checks:
+
+    def logged(summary):  # run -> its summary, for the runs that logged the metrics
+        return {label: c for label, rows in runs.items() if (c := summary(rows)) is not None}
+
+    if checks := logged(entropy_check):
         lines += [
             "",
             "First-order entropy-change check (per step: measured against predicted):",
             "",
-            "| run | steps | corr. of step means | dH_corr mean / median / min | same sign "
-            "| mean dH actual / predicted |",
-            "|---" * 6 + "|",
         ]
-        for label, c in checks.items():
-            lines.append(
-                f"| {label} | {c['steps']} | {c['step_mean_corr']:.3f} | "
-                f"{c['token_corr_mean']:.3f} / {c['token_corr_median']:.3f} / "
-                f"{c['token_corr_min']:.3f} | {c['sign_agreement']:.0%} | "
-                f"{c['actual_mean']:.3g} / {c['predicted_mean']:.3g} |"
-            )
-    clips = {label: clipping(rows) for label, rows in runs.items()}
-    clips = {label: c for label, c in clips.items() if c is not None}
-    if clips:
+        head = ["run", "steps", "corr. of step means", "dH_corr mean / median / min",
+                "same sign", "mean dH actual / predicted"]  # fmt: skip
+        lines += markdown.table(head, [
+            [label, str(c["steps"]), f"{c['step_mean_corr']:.3f}",
+             f"{c['token_corr_mean']:.3f} / {c['token_corr_median']:.3f} / "
+             f"{c['token_corr_min']:.3f}", f"{c['sign_agreement']:.0%}",
+             f"{c['actual_mean']:.3g} / {c['predicted_mean']:.3g}"]
+            for label, c in checks.items()
+        ])  # fmt: skip
+    if clips := logged(clipping):
         lines += [
             "",
             "Clipping (token shares, means over the steps; `pos`: the upper side, A > 0; "
             f"`pos_lowp`: of those, old probability below {LOW_PROB}):",
             "",
-            "| run | steps | " + " | ".join(f"`{k}`" for k in CLIP_KEYS) + " |",
-            "|---" * (2 + len(CLIP_KEYS)) + "|",
         ]
-        for label, c in clips.items():
-            cells = [label, str(c["steps"]), *(f"{c[k]:.3g}" for k in CLIP_KEYS)]
-            lines.append("| " + " | ".join(cells) + " |")
+        head = ["run", "steps", *(f"`{k}`" for k in CLIP_KEYS)]
+        lines += markdown.table(head, [
+            [label, str(c["steps"]), *(f"{c[k]:.3g}" for k in CLIP_KEYS)]
+            for label, c in clips.items()
+        ])  # fmt: skip
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

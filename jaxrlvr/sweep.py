@@ -46,6 +46,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxrlvr import config as config_lib
+from jaxrlvr import markdown
 from jaxrlvr.config_help import closest_keys
 from jaxrlvr.record import flatten, write_atomic
 
@@ -380,19 +381,21 @@ def summarize(
     for run, row in zip(runs, rows, strict=True):
         groups.setdefault(group_key(run), []).append(row)
     metrics = [c for c in columns if c.endswith(("_final", "_best", "_base")) or c == "seconds"]
-    lines = [
-        "| point | runs | " + " | ".join(metrics) + " |",
-        "|---" * (len(metrics) + 2) + "|",
+    table = [
+        [
+            key,
+            str(len(members)),
+            *(_mean_std([m.get(c, float("nan")) for m in members]) for c in metrics),
+        ]
+        for key, members in groups.items()
     ]
-    for key, members in groups.items():
-        cells = [_mean_std([m.get(c, float("nan")) for m in members]) for c in metrics]
-        lines.append(f"| {key} | {len(members)} | " + " | ".join(cells) + " |")
+    lines = markdown.table(["point", "runs", *metrics], table)
     if baseline is not None:
         lines += ["", *paired_differences(groups, baseline)]
-    markdown = "\n".join(lines) + "\n"
-    for name, text in (("summary.csv", buffer.getvalue()), ("summary.md", markdown)):
+    summary_md = "\n".join(lines) + "\n"
+    for name, text in (("summary.csv", buffer.getvalue()), ("summary.md", summary_md)):
         write_atomic(os.path.join(root, name), text)
-    return buffer.getvalue(), markdown
+    return buffer.getvalue(), summary_md
 
 
 PAIRED_METRICS = ("entropy_final", "reward_mean_final")
@@ -421,13 +424,7 @@ def paired_differences(groups: dict[str, list[dict]], baseline: str) -> list[str
     step as their baseline run are paired."""
     base_key = baseline_group(list(groups), baseline)
     base = {row.get("seed", 0): row for row in groups[base_key]}
-    lines = [
-        f"Paired differences against {base_key}, one value per seed "
-        f"({', '.join(str(seed) for seed in base)}):",
-        "",
-        "| point | " + " | ".join(f"{m} - baseline" for m in PAIRED_METRICS) + " | entropy |",
-        "|---" * (len(PAIRED_METRICS) + 2) + "|",
-    ]
+    rows = []
     for key, members in groups.items():
         if key == base_key:
             continue
@@ -438,8 +435,14 @@ def paired_differences(groups: dict[str, list[dict]], baseline: str) -> list[str
         cells = [", ".join(f"{m[c] - b[c]:+.4f}" for m, b in pairs) for c in PAIRED_METRICS]
         dh = [m["entropy_final"] - b["entropy_final"] for m, b in pairs]
         sign = "all above" if min(dh) > 0 else "all below" if max(dh) < 0 else "mixed"
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {sign} |")
-    return lines
+        rows.append([key, *cells, sign])
+    header = ["point", *(f"{m} - baseline" for m in PAIRED_METRICS), "entropy"]
+    return [
+        f"Paired differences against {base_key}, one value per seed "
+        f"({', '.join(str(seed) for seed in base)}):",
+        "",
+        *markdown.table(header, rows),
+    ]
 
 
 def _comparable(run: dict, base: dict) -> bool:
@@ -509,8 +512,8 @@ def sweep(
         return runs
     scheduler = Scheduler(runs, parallel)
     scheduler.run()
-    _, markdown = summarize(runs, root, window, baseline)
-    print(markdown, end="")
+    _, summary_md = summarize(runs, root, window, baseline)
+    print(summary_md, end="")
     if scheduler.stop_signal is not None:
         raise KeyboardInterrupt(f"stopped by signal {scheduler.stop_signal}; rerun to resume")
     return runs

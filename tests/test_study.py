@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tiny_policy import write_tiny_policy
 
-from jaxrlvr import entropy_law, report, sweep
+from jaxrlvr import entropy_law, markdown, report, sweep
 from jaxrlvr.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +123,13 @@ def test_entropy_check_summary_against_numpy(tmp_path):
     index = (tmp_path / "out" / "index.md").read_text()
     assert f"| run | 10 | {got['step_mean_corr']:.3f} |" in index
     assert "Clipping" not in index  # no step logged the clip shares
+
+
+def test_markdown_table():
+    assert markdown.table(["run", "steps"], [["a", "3"], ["b", "10"]]) == [
+        "| run | steps |", "|---|---|", "| a | 3 |", "| b | 10 |",
+    ]  # fmt: skip
+    assert markdown.table(["run"], []) == ["| run |", "|---|"]
 
 
 def test_clipping_summary_against_numpy(tmp_path):
