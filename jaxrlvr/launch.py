@@ -6,16 +6,20 @@
     python -m jaxrlvr.launch slurm --nodes=2 --gpus_per_node=8 [--submit] \\
         -- --config=configs/steer.py:qwen2.5-math-7b --config.workdir=/shared/runs/steer-7b
 
-TPU: creates the queued resource (or reuses an ACTIVE one; deletes and recreates one left
-FAILED or SUSPENDED by a preemption), waits for it with a time limit, then on every
-worker checks out the exact commit (detached), installs `.[tpu]` and starts
-`python -m jaxrlvr.train --distributed ...` under `nohup`, so the job outlives the ssh
-session, with one log per worker; it prints the command that tails the logs. Several
-`--point="..."` argument sets start one job each, on slices of their own (NAME-0, NAME-1,
-...), so no point waits for another. `--dry_run` prints every gcloud command and runs none.
+TPU: first checks that the commit to run is on a branch or tag of `--repo` (the VMs
+clone it; a commit only here would fail on every worker) and warns about uncommitted
+changes here, which will not run. Then it requests the queued resource (or reuses an
+ACTIVE one; deletes and recreates one left FAILED or SUSPENDED by a preemption), waits
+for it with a time limit, and on every worker checks out the exact commit (detached),
+installs `.[tpu]` and starts `python -m jaxrlvr.train --distributed ...` under `nohup`, so
+the job outlives the ssh session, with one log per worker; it prints the command that
+tails the logs. Several `--point="..."` argument sets start one job each, on slices of
+their own (NAME-0, NAME-1, ...): every queued resource is requested before any is waited
+for, each job starts as soon as its slice is ACTIVE, and a point that fails does not stop
+the others. `--dry_run` prints every gcloud command and runs none.
 
 SLURM: renders an sbatch script (one process per node, `jax.distributed` through SLURM's
-environment) and with `--submit` hands it to `sbatch`.
+environment; every user value shell-quoted) and with `--submit` hands it to `sbatch`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +41,10 @@ PENDING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
 
 class LaunchError(RuntimeError):
     """The launch cannot go on; the message says why and what to do."""
+
+
+class StartupError(LaunchError):
+    """Refused before any gcloud call (exit 2): the input itself is wrong."""
 
 
 @dataclass
@@ -97,8 +106,9 @@ class TpuJob:
         args += ["--runtime-version", self.runtime]
         gcloud(*args, *(["--spot"] if self.spot else []))
 
-    def acquire(self, gcloud: Gcloud, sleep: Callable[[float], None] = time.sleep) -> None:
-        """An ACTIVE slice: reuse, recreate after a preemption or failure, or create."""
+    def request(self, gcloud: Gcloud) -> None:
+        """Ask for the slice without waiting: reuse it, recreate it after a preemption or
+        failure, or create it."""
         state = self.state(gcloud)
         if state in BROKEN:
             gcloud.echo(f"{self.name} is {state} (preempted or failed): deleting, recreating")
@@ -106,30 +116,31 @@ class TpuJob:
             state = None
         if state is None:
             self.create(gcloud)
-        if gcloud.dry_run:
-            return
-        waited = 0.0
-        while (state := self.state(gcloud)) != READY:
-            if state in BROKEN:
-                raise LaunchError(
-                    f"queued resource {self.name} became {state} while waiting; rerun to "
-                    "recreate it, or check quota and zone"
-                )
-            if waited >= self.wait_s:
-                raise LaunchError(
-                    f"queued resource {self.name} still {state} after {self.wait_s:.0f} s; "
-                    "it stays queued: rerun later to keep waiting, or delete it"
-                )
-            sleep(self.poll_s)
-            waited += self.poll_s
+
+    def check_ready(self, gcloud: Gcloud, waited_s: float) -> bool:
+        """Whether the slice is ACTIVE; raises when it broke or `wait_s` has passed."""
+        state = self.state(gcloud)
+        if state == READY:
+            return True
+        if state in BROKEN:
+            raise LaunchError(
+                f"queued resource {self.name} became {state} while waiting; rerun to "
+                "recreate it, or check quota and zone"
+            )
+        if waited_s >= self.wait_s:
+            raise LaunchError(
+                f"queued resource {self.name} still {state} after {waited_s:.0f} s; "
+                "it stays queued: rerun later to keep waiting, or delete it"
+            )
+        return False
 
     def worker_script(self) -> str:
         """What every worker runs: the exact commit, `.[tpu]`, the job under nohup."""
-        d = self.project_dir
+        d, name = shlex.quote(self.project_dir), shlex.quote(self.name)
         train = shlex.join(["python", "-m", "jaxrlvr.train", "--distributed", *self.train_args])
         lines = [
             "set -euo pipefail",
-            self.mount_cmd or "true",
+            self.mount_cmd or "true",  # a shell command by design
             f"[ -d {d}/.git ] || git clone -q {shlex.quote(self.repo)} {d}",
             f"cd {d}",
             f"git fetch -q origin && git checkout -q --detach {shlex.quote(self.commit)}",
@@ -137,8 +148,8 @@ class TpuJob:
             ". .venv/bin/activate",
             "pip install -q -e '.[tpu]'",
             "mkdir -p logs",
-            f"nohup {train} > logs/{self.name}-$(hostname).log 2>&1 < /dev/null &",
-            f"echo started on $(hostname): {d}/logs/{self.name}-$(hostname).log",
+            f"nohup {train} > logs/{name}-$(hostname).log 2>&1 < /dev/null &",
+            f"echo started on $(hostname): {d}/logs/{name}-$(hostname).log",
         ]
         return "\n".join(lines)
 
@@ -148,27 +159,75 @@ class TpuJob:
 
     def tail_command(self) -> str:
         cmd = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.name, "--zone", self.zone]
-        tail = f"tail -n 40 -f {self.project_dir}/logs/{self.name}-*.log"
+        logs = f"{shlex.quote(self.project_dir)}/logs/{shlex.quote(self.name)}-*.log"
+        tail = f"tail -n 40 -f {logs}"
         return shlex.join([*cmd, "--worker=all", "--command", tail])
 
 
+def git(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+
+
 def git_head() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    out = git("rev-parse", "HEAD")
     if out.returncode != 0:
-        raise LaunchError("--commit not given and `git rev-parse HEAD` failed; pass --commit=SHA")
+        raise StartupError("--commit not given and `git rev-parse HEAD` failed; pass --commit=SHA")
     return out.stdout.strip()
 
 
+def check_commit(repo: str, commit: str) -> str:
+    """The full SHA of `commit` as the VMs will see it: a commit on a branch or tag of
+    `repo` (they clone it and check the commit out). Fetches the commit graph only (no
+    file contents) into a temporary repository; raises `StartupError` if it is not there."""
+    with tempfile.TemporaryDirectory(prefix="jaxrlvr-launch-") as tmp:
+        out = git("clone", "--quiet", "--bare", "--filter=tree:0", repo, tmp)
+        if out.returncode != 0:
+            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+            raise StartupError(
+                f"--repo={repo}: cannot clone it from here to check --commit ({last}); "
+                "pass --no-check_commit if only the TPU VMs can reach it"
+            )
+        found = git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}", cwd=tmp)
+        if found.returncode != 0:
+            raise StartupError(
+                f"--commit={commit}: no such commit on a branch or tag of --repo={repo}; "
+                "push it first (the TPU VMs clone --repo and check the commit out)"
+            )
+        return found.stdout.strip()
+
+
+def uncommitted_files(limit: int = 10) -> str | None:
+    """The files with uncommitted changes in the git work tree here, or None if clean
+    (or not a work tree)."""
+    out = git("status", "--porcelain", "--untracked-files=normal")
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    files = [line[3:] for line in out.stdout.splitlines() if line.strip()]
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(files[:limit]) + more
+
+
 def launch_tpu(args: argparse.Namespace, train_args: list[str], gcloud: Gcloud) -> list[TpuJob]:
+    """Request every point's slice, then wait for them together, starting each job as
+    soon as its slice is ACTIVE. Returns the started jobs; raises `LaunchError` naming
+    every point that failed (after the others were started)."""
+    commit = args.commit or git_head()
+    if args.check_commit:
+        commit = check_commit(args.repo, commit)
+    if (changed := uncommitted_files()) is not None:
+        print(
+            f"warning: uncommitted changes here will not run ({changed}): the TPU VMs run "
+            f"commit {commit[:12]} of {args.repo}",
+            file=sys.stderr,
+        )
     points = [shlex.split(p) for p in args.point] or [[]]
-    jobs = []
-    for i, point in enumerate(points):
-        job = TpuJob(
+    jobs = [
+        TpuJob(
             name=args.name if len(points) == 1 else f"{args.name}-{i}",
             zone=args.zone,
             accelerator=args.accelerator,
             repo=args.repo,
-            commit=args.commit or git_head(),
+            commit=commit,
             train_args=[*train_args, *point],
             runtime=args.runtime,
             spot=args.spot,
@@ -176,31 +235,65 @@ def launch_tpu(args: argparse.Namespace, train_args: list[str], gcloud: Gcloud) 
             wait_s=args.wait_s,
             poll_s=args.poll_s,
         )
-        job.acquire(gcloud)
-        job.start(gcloud)
-        gcloud.echo(f"logs: {job.tail_command()}")
-        jobs.append(job)
-    return jobs
+        for i, point in enumerate(points)
+    ]
+    failed: dict[str, str] = {}
+    waiting = []
+    for job in jobs:
+        try:
+            job.request(gcloud)
+            waiting.append(job)
+        except LaunchError as e:
+            failed[job.name] = str(e)
+            gcloud.echo(f"{job.name} failed: {e}")
+    started = []
+    t0 = time.monotonic()
+    while waiting:
+        for job in list(waiting):
+            try:
+                if not (gcloud.dry_run or job.check_ready(gcloud, time.monotonic() - t0)):
+                    continue
+                waiting.remove(job)
+                job.start(gcloud)
+                gcloud.echo(f"logs: {job.tail_command()}")
+                started.append(job)
+            except LaunchError as e:
+                if job in waiting:
+                    waiting.remove(job)
+                failed[job.name] = str(e)
+                gcloud.echo(f"{job.name} failed: {e}")
+        if waiting:
+            time.sleep(args.poll_s)
+    if failed:
+        if len(jobs) == 1:
+            raise LaunchError(failed[jobs[0].name])
+        raise LaunchError(
+            f"{len(failed)} of {len(jobs)} points failed, {len(started)} started: "
+            + "; ".join(failed.values())
+        )
+    return started
 
 
 def slurm_script(args: argparse.Namespace, train_args: Sequence[str]) -> str:
     """An sbatch script: one process per node, `jax.distributed` from SLURM's environment."""
+    q = shlex.quote  # sbatch reads #SBATCH values with the shell's quoting too
     train = shlex.join(["python", "-m", "jaxrlvr.train", "--distributed", *train_args])
+    log_file = q(f"{args.log_dir}/%x-%j-%t.log")
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={args.job_name}",
+        f"#SBATCH --job-name={q(args.job_name)}",
         f"#SBATCH --nodes={args.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={args.gpus_per_node}",
         f"#SBATCH --cpus-per-task={args.cpus_per_task}",
-        f"#SBATCH --time={args.time}",
-        f"#SBATCH --output={args.log_dir}/%x-%j-%t.log",
-        *([f"#SBATCH --partition={args.partition}"] if args.partition else []),
+        f"#SBATCH --time={q(args.time)}",
+        f"#SBATCH --output={log_file}",
+        *([f"#SBATCH --partition={q(args.partition)}"] if args.partition else []),
         "set -euo pipefail",
-        f"cd {shlex.quote(args.project_dir)}",
+        f"cd {q(args.project_dir)}",
         ". .venv/bin/activate  # pip install -e '.[cuda]' on the shared file system",
         "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92",
-        f"srun --output={args.log_dir}/%x-%j-%t.log {train}",
+        f"srun --output={log_file} {train}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -221,11 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--accelerator", required=True, help="e.g. v5p-64, v5litepod-32")
     t.add_argument("--repo", required=True, help="git URL of this repository the VMs can clone")
     t.add_argument("--commit", default=None, help="exact commit to run (default: git HEAD)")
+    t.add_argument(
+        "--check_commit", action=argparse.BooleanOptionalAction, default=True,
+        help="check before any gcloud call that --commit is on a branch or tag of --repo "
+        "(clones its commit graph); --no-check_commit where only the VMs can reach --repo",
+    )  # fmt: skip
     t.add_argument("--runtime", default="v2-alpha-tpuv5")
     t.add_argument("--spot", action="store_true")
     t.add_argument("--mount_cmd", default="", help="shell command that mounts shared storage")
     t.add_argument("--wait_s", type=float, default=3600.0, help="time limit for ACTIVE")
-    t.add_argument("--poll_s", type=float, default=30.0)
+    t.add_argument("--poll_s", type=float, default=30.0, help="seconds between state checks")
     t.add_argument("--point", action="append", default=[], help="one sweep point's train args")
     t.add_argument("--dry_run", action="store_true", help="print the gcloud commands only")
     s = sub.add_parser("slurm", help="a SLURM GPU cluster, one process per node")
@@ -254,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return subprocess.run(["sbatch", args.out]).returncode
         print(f"wrote {args.out}; submit with: sbatch {args.out}")
         return 0
+    except StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
