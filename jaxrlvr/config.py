@@ -4,12 +4,13 @@ Every experiment file in `configs/` is `get_config(preset)` over `base_config(pr
 the shared tree with the preset's values (`demo`, `qwen2.5-math-7b`, `qwen2.5-math-1.5b`,
 `qwen2.5-0.5b`), then the method's own changes. `docs/config.md` documents every field.
 `validate(config)` checks the whole tree before anything is compiled and raises one
-`ConfigError` naming each bad key and its allowed range.
+`ConfigError` naming each bad key and its allowed range (every float must be finite).
 """
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 import ml_collections
@@ -33,6 +34,11 @@ LOSS_AGG_MODES = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
+# The smallest rollout.temperature. The loss gradient scales as 1/T and is squared (Adam's
+# second moment, the global norm of the clip), which overflows float32 and bfloat16 (both
+# max 3.4e38) once it passes 1.8e19: 1e-8 keeps it finite for gradient norms up to 1.8e11
+# at T = 1, and logits / T finite for logits up to 3.4e30.
+MIN_TEMPERATURE = 1e-8
 # The embedded demo presets: their policies and data are built and cached on first use.
 DEMO_PRESETS = ("demo", "demo-hard", "demo-fork")
 
@@ -263,10 +269,12 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
 
     `files=False` skips the checks of the model and data paths (`jaxrlvr.plan` needs
     neither weights nor data)."""
-    errors: list[str] = []
+    # A non-finite float passes most range checks (inf > 0); each is named once, here.
+    nonfinite = [key for key, v in _float_fields(config) if not math.isfinite(v)]
+    errors = [f"config.{key}={_get(config, key)!r}: must be a finite number" for key in nonfinite]
 
     def need(ok: bool, key: str, allowed: str):
-        if not ok:
+        if not ok and key not in nonfinite:
             errors.append(f"config.{key}={_get(config, key)!r}: {allowed}")
 
     def one_of(key: str, options):
@@ -288,7 +296,11 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     _validate_intervention(config, need, one_of)
 
     need(r.n >= 1, "rollout.n", "must be >= 1")
-    need(r.temperature > 0, "rollout.temperature", "must be > 0 for RL rollouts")
+    need(
+        r.temperature >= MIN_TEMPERATURE,
+        "rollout.temperature",
+        f"must be >= {MIN_TEMPERATURE:g} (below, the 1/T-scaled gradient overflows when squared)",
+    )
     need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
@@ -372,7 +384,9 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
                 errors.append(f"config.{key}: {spec!r} is not a .jsonl or .parquet file")
 
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        # One problem: one line (the command lines print it as one `error:` line).
+        sep = " " if len(errors) == 1 else "\n  "
+        raise ConfigError("invalid config:" + sep + "\n  ".join(errors))
 
 
 def _validate_intervention(config, need, one_of) -> None:
@@ -403,6 +417,7 @@ def _validate_intervention(config, need, one_of) -> None:
         need(0 <= p.lam <= 1, "algo.pos_adv.lam", "must be in [0, 1]")
         need(0 <= p.lam0 <= 1, "algo.pos_adv.lam0", "must be in [0, 1]")
         need(p.neg_weight >= 0, "algo.pos_adv.neg_weight", "must be >= 0")
+        need(p.delta >= 0, "algo.pos_adv.delta", "must be >= 0 (a target entropy)")
         need(p.step > 0, "algo.pos_adv.step", "must be > 0")
         need(0 < p.ratio <= 1, "algo.pos_adv.ratio", "must be in (0, 1]")
     elif a.intervention == "steer":
@@ -485,6 +500,15 @@ def inert_settings(config: ml_collections.ConfigDict, num_epochs: int | None = N
     return out
 
 
+def _float_fields(node: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted key, value) of every float field under `node`."""
+    for name, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _float_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{name}", value
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -505,6 +529,7 @@ __all__ = [
     "ConfigError",
     "DEMO_PRESETS",
     "LOSS_AGG_MODES",
+    "MIN_TEMPERATURE",
     "PRESET_NAMES",
     "base_config",
     "engine_shape",

@@ -43,7 +43,8 @@ HELP: dict[str, str] = {
     "and count as time-outs; 0 = off",
     "reward.num_workers": "math: checker processes; 0 = half the CPUs (1..8)",
     "rollout.n": "responses per prompt (the GRPO group size)",
-    "rollout.temperature": "sampling temperature; every log-prob uses logits / T",
+    "rollout.temperature": "sampling temperature; every log-prob uses logits / T; >= 1e-8 "
+    "(the 1/T-scaled gradient overflows float32 when squared below it)",
     "rollout.top_p": "nucleus sampling, in (0, 1]",
     "rollout.top_k": "top-k sampling; 0 = off",
     "rollout.max_new_tokens": "response budget (tokens)",
@@ -77,7 +78,7 @@ HELP: dict[str, str] = {
     "algo.pos_adv.schedule": "constant | stage | epoch | entropy_guided | rand_pos_clip",
     "algo.pos_adv.lam": "lambda of the constant schedule (weight of A > 0 tokens)",
     "algo.pos_adv.neg_weight": "weight of A < 0 tokens",
-    "algo.pos_adv.delta": "entropy_guided: target entropy",
+    "algo.pos_adv.delta": "entropy_guided: target entropy (>= 0)",
     "algo.pos_adv.step": "entropy_guided: lambda increment per step",
     "algo.pos_adv.lam0": "entropy_guided: initial lambda",
     "algo.pos_adv.ratio": "rand_pos_clip: fraction of A > 0 tokens zeroed",

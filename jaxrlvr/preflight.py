@@ -1,7 +1,7 @@
 """Checks that run before anything is compiled, so a run fails in seconds, not hours.
 
 Each raises `ConfigError` naming the config key and the file or directory at fault:
-a model directory without weights or tokenizer files, a workdir that cannot be written,
+a model directory this port cannot load (see `check_model_dir`), a workdir that cannot be written,
 a disk with less free space than one checkpoint of the train state needs, and an
 attention kernel this platform cannot run.
 """
@@ -9,6 +9,7 @@ attention kernel this platform cannot run.
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import shutil
 import tempfile
@@ -24,7 +25,11 @@ TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 def check_model_dir(path: str) -> None:
-    """`path` holds a Hugging Face config, safetensors weights and tokenizer files."""
+    """`path` holds a Hugging Face Qwen2 config, whole safetensors weights of the config's
+    shapes (checked from the headers; no weight is read) and tokenizer files, and jinja2
+    is importable if the tokenizer has a chat template."""
+    from jaxrlvr.models.checkpoint import ModelDirError, check_hf_checkpoint
+
     key = "config.model.path"
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"{key}={path!r}: no config.json in the model directory")
@@ -39,6 +44,31 @@ def check_model_dir(path: str) -> None:
             f"{key}={path!r}: no tokenizer files (need {wanted}); copy them from the "
             "checkpoint's Hugging Face repository"
         )
+    if (source := _chat_template_source(path)) is not None:
+        try:
+            importlib.import_module("jinja2")
+        except ImportError:
+            raise ConfigError(
+                f"{key}={path!r}: the tokenizer's chat template ({source}) needs jinja2, "
+                "which cannot be imported; pip install 'jinja2>=3.1'"
+            ) from None
+    try:
+        check_hf_checkpoint(path)
+    except ModelDirError as e:
+        raise ModelDirError(f"{key}: {e}") from None
+
+
+def _chat_template_source(path: str) -> str | None:
+    """The file that gives the tokenizer in `path` a chat template, or None."""
+    for name in ("chat_template.jinja", "chat_template.json", "additional_chat_templates"):
+        if os.path.exists(os.path.join(path, name)):
+            return name
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        with open(config, "rb") as f:
+            if b'"chat_template"' in f.read():
+                return "tokenizer_config.json"
+    return None
 
 
 def check_attention(config: ml_collections.ConfigDict) -> None:

@@ -43,6 +43,7 @@ from jaxrlvr.evaluation import EvalSet, EvalSpec, Evaluator, flat_eval_metrics, 
 from jaxrlvr.learner import Learner
 from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
+from jaxrlvr.models.checkpoint import ExportError
 from jaxrlvr.record import record_config
 from jaxrlvr.rollouts import (
     RolloutCollector,
@@ -498,7 +499,7 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (NonFiniteError, CheckpointError) as e:
+    except (NonFiniteError, CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:

@@ -4,14 +4,17 @@ Fast: no model, no data, no training. Files are loaded as `ml_collections.config
 loads them (import the file, call `get_config(arg)`).
 """
 
+import math
 import re
 
+import numpy as np
 import pytest
 from absl import flags
 from config_files import CONFIG_FILES, ROOT, get_config
 from ml_collections import config_flags
 
 from jaxrlvr.config import (
+    MIN_TEMPERATURE,
     POS_ADV_SCHEDULES,
     PRESET_NAMES,
     ConfigError,
@@ -33,8 +36,8 @@ POS_ADV_ABLATIONS = ("adv_pos_only", "adv_neg_only")
 
 def error_keys(exc: ConfigError) -> list[str]:
     """The `config.<key>` each line of a validation error names."""
-    lines = str(exc).splitlines()[1:]
-    return [re.match(r"\s*config\.([\w.]+)", line).group(1) for line in lines]
+    lines = str(exc).removeprefix("invalid config:").splitlines()
+    return [re.match(r"\s*config\.([\w.]+)", line).group(1) for line in lines if line.strip()]
 
 
 @pytest.fixture
@@ -336,3 +339,61 @@ def test_config_flag_default_option_and_types(monkeypatch):
     assert c.algo.dynamic_sampling is True
     with pytest.raises(Exception, match="nosuchfield"):  # locked: unknown keys are refused
         parse_flags(["prog", "--config=configs/grpo.py", "--config.algo.nosuchfield=1"])
+
+
+def float_keys(config) -> list[str]:
+    return [k for k, v in flatten(config.to_dict()).items() if isinstance(v, float)]
+
+
+def test_every_float_field_must_be_finite():
+    keys = float_keys(base_config("demo"))
+    assert {"optim.lr", "rollout.temperature", "algo.clip_cov.ratio"} <= set(keys)
+    for key in keys:
+        for bad in (math.inf, -math.inf, math.nan):
+            c = base_config("demo")
+            c.update_from_flattened_dict({key: bad})
+            with pytest.raises(ConfigError) as e:
+                validate(c, files=False)
+            assert error_keys(e.value) == [key], str(e.value)
+            assert str(e.value) == f"invalid config: config.{key}={bad!r}: must be a finite number"
+
+
+def test_temperature_is_bounded_where_the_gradient_overflows():
+    for temperature in (1e-30, 0.0, -1.0, MIN_TEMPERATURE / 2):
+        c = base_config("demo")
+        c.rollout.temperature = temperature
+        with pytest.raises(ConfigError, match=r"config.rollout.temperature=.*: must be >= 1e-08"):
+            validate(c, files=False)
+    for temperature in (MIN_TEMPERATURE, 0.6, 1.0):
+        c = base_config("demo")
+        c.rollout.temperature = temperature
+        validate(c, files=False)
+
+    # The bound's arithmetic: the loss gradient scales as 1/T and its global norm squares it.
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxrlvr.losses.entropy import token_logp_entropy
+
+    rng = np.random.RandomState(0)
+    hidden = jnp.asarray(rng.randn(1, 8, 16), jnp.float32)
+    unembed = jnp.asarray(rng.randn(16, 64), jnp.float32)  # logits of size ~4
+    targets = jnp.asarray(rng.randint(0, 64, (1, 8)))
+
+    def grad_norm(temperature: float) -> float:
+        def loss(h, w):
+            logp, ent = token_logp_entropy(h, w, targets, temperature=temperature)
+            return logp.mean() + 0.01 * ent.mean()
+
+        return float(optax.tree.norm(jax.grad(loss, argnums=(0, 1))(hidden, unembed)))
+
+    assert np.isfinite(grad_norm(MIN_TEMPERATURE)) and not np.isfinite(grad_norm(1e-30))
+
+
+def test_pos_adv_target_entropy_is_not_negative():
+    c = base_config("demo")
+    c.algo.intervention, c.algo.pos_adv.schedule, c.algo.pos_adv.delta = "pos_adv", "stage", -0.1
+    with pytest.raises(ConfigError) as e:
+        validate(c, files=False)
+    assert error_keys(e.value) == ["algo.pos_adv.delta"]

@@ -10,10 +10,17 @@ decoder layers (`model.layers.{i}.*` of every i become one parameter with a lead
 Saving writes what `transformers.Qwen2ForCausalLM.from_pretrained` reads, atomically (a
 temporary directory renamed into place), so a trained policy can be evaluated by any
 Hugging Face-compatible tool.
+
+A directory this port cannot load raises `ModelDirError` (a `ConfigError`: the command
+lines print it as one `error:` line and exit 2) naming the file and the fault, before
+any weight is read: `check_hf_checkpoint` runs those checks alone, from the headers. A
+write that fails during an export raises `ExportError` naming the export and the cause.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxrlvr.config import ConfigError
 from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype
 from jaxrlvr.sharding import LOGICAL_AXIS_RULES, LogicalRules, logical_axes_of, named_sharding
 
@@ -49,6 +57,47 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class ModelDirError(ConfigError):
+    """A Hugging Face model directory this port cannot load; names the file and the fault."""
+
+
+class ExportError(OSError):
+    """An export that could not be written; nothing of it is left behind."""
+
+
+def _read_json(file: str):
+    """The parsed JSON of `file`; invalid JSON names the file, line and column."""
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelDirError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+def read_config(path: str | os.PathLike, **overrides) -> Qwen2Config:
+    """The `Qwen2Config` of a model directory's `config.json` (with `overrides`).
+
+    Raises `ModelDirError` for a missing directory or file, invalid JSON, and an
+    architecture other than Qwen2 (naming the one found and the one supported).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ModelDirError(f"checkpoint directory {path!r} does not exist")
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ModelDirError(f"{file}: no config.json in checkpoint directory {path}")
+    d = _read_json(file)
+    if not isinstance(d, dict):
+        raise ModelDirError(f"{file}: expected a JSON object, found a {type(d).__name__}")
+    try:
+        return Qwen2Config.from_hf_dict(d, **overrides)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelDirError(f"{file}: {e}") from None
+
+
 # --------------------------------------------------------------------------- safetensors
 
 
@@ -60,8 +109,6 @@ class _TensorRef:
     offset: int  # absolute byte offset of the data in `file`
 
     def read(self) -> np.ndarray:
-        if self.dtype not in _ST_DTYPES:
-            raise ValueError(f"{self.file}: unsupported safetensors dtype {self.dtype}")
         dtype = np.dtype(_ST_DTYPES[self.dtype])
         if not self.shape or 0 in self.shape:
             return np.zeros(self.shape, dtype)
@@ -69,43 +116,75 @@ class _TensorRef:
 
 
 def _read_header(file: str) -> dict[str, _TensorRef]:
+    """The tensors a safetensors file holds, checked against the file's size: a truncated
+    or corrupt file raises `ModelDirError` naming what is missing."""
+    size = os.path.getsize(file)
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{file}: truncated safetensors file (no header)")
+            raise ModelDirError(f"{file}: truncated safetensors file: {size} bytes, no header")
         n = int.from_bytes(raw, "little")
+        if 8 + n > size:
+            raise ModelDirError(
+                f"{file}: truncated safetensors file: its header needs {8 + n} bytes, the "
+                f"file has {size}"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: corrupt safetensors header: {e}") from None
-    size = os.path.getsize(file)
-    refs = {}
+            raise ModelDirError(f"{file}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ModelDirError(f"{file}: corrupt safetensors header: not a JSON object")
+    refs, ends = {}, {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
-        if 8 + n + end > size:
-            raise ValueError(f"{file}: tensor {name!r} extends past the end of the file")
-        refs[name] = _TensorRef(file, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+        try:
+            dtype, shape = meta["dtype"], tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelDirError(
+                f"{file}: corrupt safetensors header: bad entry for tensor {name!r}"
+            ) from None
+        if dtype in _ST_DTYPES:  # others are refused only if the model needs them
+            nbytes = int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+            if end - begin != nbytes:
+                raise ModelDirError(
+                    f"{file}: corrupt safetensors header: tensor {name!r} of shape "
+                    f"{list(shape)} {dtype} needs {nbytes} bytes, its data_offsets span "
+                    f"{end - begin}"
+                )
+        refs[name] = _TensorRef(file, dtype, shape, 8 + n + begin)
+        ends[name] = 8 + n + end
+    if cut := [name for name, end in ends.items() if end > size]:
+        whole = max(ends.values())
+        raise ModelDirError(
+            f"{file}: truncated safetensors file: {size} of its {whole} bytes "
+            f"({whole - size} missing); {len(cut)} tensor(s) cut short, e.g. {cut[0]!r}"
+        )
     return refs
 
 
 def _index_checkpoint(path: str) -> dict[str, _TensorRef]:
     """Every tensor of a single-file or sharded (`model.safetensors.index.json`) checkpoint."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        raise ModelDirError(f"checkpoint directory {path!r} does not exist")
     index_file = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise ModelDirError(f'{index_file}: no "weight_map" of tensor names to files')
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{index_file} lists {name}, which is missing from {path}")
+                raise ModelDirError(f"{index_file} lists {name}, which is missing from {path}")
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors files in checkpoint directory {path}")
+            raise ModelDirError(f"no *.safetensors files in checkpoint directory {path}")
     refs: dict[str, _TensorRef] = {}
     for name in files:
         refs.update(_read_header(os.path.join(path, name)))
@@ -124,11 +203,21 @@ def _write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    with open(file, "wb") as f:
+    with _naming(file), open(file, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for arr in tensors.values():
             f.write(np.ascontiguousarray(arr).tobytes())
+
+
+@contextlib.contextmanager
+def _naming(file: str):
+    """An `OSError` inside names `file` (a failed write names none) for `ExportError`."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or file
+        raise
 
 
 # --------------------------------------------------------------------------- name/layout map
@@ -202,29 +291,22 @@ def _hf_layout(path: tuple, cfg: Qwen2Config) -> _Layout:
 # --------------------------------------------------------------------------- load / save
 
 
-def load_hf_checkpoint(
-    path: str | os.PathLike,
-    *,
-    dtype: str | None = None,
-    param_dtype: str | None = None,
-    mesh: Mesh | None = None,
-    rules: LogicalRules = LOGICAL_AXIS_RULES,
-    **config_overrides,
-) -> Qwen2:
-    """Load a Hugging Face Qwen2 checkpoint directory into a (sharded) `Qwen2`.
+def check_hf_checkpoint(path: str | os.PathLike) -> Qwen2Config:
+    """Check a model directory without reading any weight; return its config.
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else
-    float32). With `mesh`, every tensor goes straight to its shards; without, to the
-    default device. Raises a clear error, before reading any weights, for missing files,
-    a non-Qwen2 architecture, or a tensor that is missing or of the wrong shape.
+    `config.json` must be a Qwen2 architecture, every safetensors file whole (its header
+    and the data it lists within the file), and every tensor the config needs present
+    with its shape. Raises `ModelDirError` naming the file and the fault.
     """
     path = os.fspath(path)
-    if dtype is not None:
-        config_overrides["dtype"] = dtype
-    config_overrides.setdefault("param_dtype", param_dtype or dtype or "float32")
-    cfg = Qwen2Config.from_pretrained(path, **config_overrides)
-    refs = _index_checkpoint(path)
+    cfg = read_config(path)
+    _plan(path, cfg, _index_checkpoint(path))
+    return cfg
 
+
+def _plan(path: str, cfg: Qwen2Config, refs: dict[str, _TensorRef]):
+    """The abstract model (graphdef, flat state) and, per parameter, the tensors that fill
+    it; `ModelDirError` for a tensor missing, of another shape, or of an unreadable dtype."""
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
@@ -238,18 +320,49 @@ def load_hf_checkpoint(
                 missing.append(layout.name)
                 continue
             if ref.shape != layout.hf_shape:
-                raise ValueError(
+                raise ModelDirError(
                     f"{path}: tensor {layout.name!r} in {os.path.basename(ref.file)} has shape "
                     f"{list(ref.shape)}, expected {list(layout.hf_shape)} for this config.json"
+                )
+            if ref.dtype not in _ST_DTYPES:
+                raise ModelDirError(
+                    f"{ref.file}: tensor {layout.name!r} has dtype {ref.dtype}, which this "
+                    f"port does not read ({', '.join(_ST_DTYPES)})"
                 )
             parts.append((layout, ref))
         plan.append((key, var, parts))
     if missing:
-        raise ValueError(
+        raise ModelDirError(
             f"{path}: {len(missing)} tensor(s) missing from the checkpoint: "
             + ", ".join(repr(n) for n in sorted(missing)[:4])
             + (", ..." if len(missing) > 4 else "")
         )
+    return graphdef, flat, plan
+
+
+def load_hf_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = LOGICAL_AXIS_RULES,
+    **config_overrides,
+) -> Qwen2:
+    """Load a Hugging Face Qwen2 checkpoint directory into a (sharded) `Qwen2`.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else
+    float32). With `mesh`, every tensor goes straight to its shards; without, to the
+    default device. Raises `ModelDirError`, before reading any weights, for the faults
+    `check_hf_checkpoint` names.
+    """
+    path = os.fspath(path)
+    if dtype is not None:
+        config_overrides["dtype"] = dtype
+    config_overrides.setdefault("param_dtype", param_dtype or dtype or "float32")
+    cfg = read_config(path, **config_overrides)
+    refs = _index_checkpoint(path)
+    graphdef, flat, plan = _plan(path, cfg, refs)
     unused = set(refs) - {layout.name for *_, parts in plan for layout, _ in parts}
     unused -= {"lm_head.weight"}
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
@@ -343,41 +456,68 @@ def save_hf_checkpoint(
         size += arr.nbytes
 
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = None
     try:
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            _write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0], meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(os.path.join(tmp, file), shard, meta)
-                weight_map.update(dict.fromkeys(shard, file))
-            total = sum(a.nbytes for a in tensors.values())
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump(
-                    {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2
-                )
-        hf_config = cfg.to_hf_dict() | {"dtype": str(out_dtype)}
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        gen = {
-            k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None
-        }
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            old = tmp + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        _write_export(tmp, shards, cfg.to_hf_dict() | {"dtype": str(out_dtype)}, tokenizer)
+        _swap_into_place(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, ExportError):
+            raise _export_error(path, tmp, e) from e
         raise
     log.info("saved Hugging Face checkpoint to %s (%d files)", path, len(shards))
+
+
+def _write_export(tmp: str, shards: list[dict[str, np.ndarray]], hf_config: dict, tokenizer):
+    """Every file of the export into the (new, empty) directory `tmp`."""
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _write_safetensors(os.path.join(tmp, "model.safetensors"), shards[0], meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(os.path.join(tmp, file), shard, meta)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(a.nbytes for shard in shards for a in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_json(os.path.join(tmp, INDEX_FILE), index)
+    _write_json(os.path.join(tmp, "config.json"), hf_config)
+    gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
+    _write_json(os.path.join(tmp, "generation_config.json"), gen)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def _write_json(file: str, obj) -> None:
+    with _naming(file), open(file, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+    """Rename the written directory `tmp` to `path`; an older export there is replaced
+    whole, or kept if the rename fails."""
+    if not os.path.exists(path):
+        os.replace(tmp, path)
+        return
+    old = tmp + ".old"
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_error(path: str, tmp: str | None, e: OSError) -> ExportError:
+    """One line: the export, the cause (with its errno name) and the file being written."""
+    cause = e.strerror or str(e)
+    if e.errno in errno.errorcode:
+        cause += f" ({errno.errorcode[e.errno]})"
+    if e.filename and tmp and os.path.abspath(e.filename).startswith(os.path.abspath(tmp)):
+        cause += f" writing {os.path.relpath(e.filename, tmp)}"
+    return ExportError(f"cannot write the Hugging Face export {path}: {cause}; {path} is unchanged")
