@@ -136,6 +136,21 @@ def gather(local: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([every[i, : sizes[i]] for i in range(p)])
 
 
+def gather_text(text: str) -> list[str]:
+    """Every process's `text`, in process order (`[text]` with one process): how processes
+    that each judged something on their own learn every judgement before acting."""
+    if not is_multiprocess():
+        return [text]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data))))  # [P]
+    padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    padded[: len(data)] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [P, width]
+    return [bytes(every[i, : sizes[i]]).decode() for i in range(len(every))]
+
+
 def fingerprint(value: Any) -> str:
     """A short hash of a JSON-able value (arrays as lists)."""
 

@@ -49,6 +49,16 @@ def config_in_force(workdir: str) -> dict | None:
     return config
 
 
+def config_changes(before: dict, current: dict) -> dict[str, list]:
+    """The flattened keys whose values differ between two configs: `{key: [old, new]}`."""
+    old, new = flatten(before), flatten(current)
+    return {
+        k: [old.get(k), new.get(k)]
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
+
+
 def record_config(config: ml_collections.ConfigDict, workdir: str, *, start_step: int) -> None:
     """Record the config of a run starting (`start_step` 0) or resuming at `start_step`."""
     current = json.loads(config.to_json())
@@ -58,12 +68,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, *, start_step
         if os.path.exists(history := os.path.join(workdir, HISTORY_FILE)):
             os.remove(history)
         return
-    old, new = flatten(before), flatten(current)
-    changed = {
-        k: [old.get(k), new.get(k)]
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    }
+    changed = config_changes(before, current)
     if not changed:
         return
     for key, (was, now) in changed.items():

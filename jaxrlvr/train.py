@@ -37,14 +37,14 @@ from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
 from jaxrlvr import config_help, distributed, grpo, preflight
-from jaxrlvr.checkpointing import Checkpointer, CheckpointError
+from jaxrlvr.checkpointing import Checkpointer, CheckpointError, StateMismatch
 from jaxrlvr.data import DataError, PromptDataset, load_prompts
 from jaxrlvr.evaluation import EvalSet, EvalSpec, Evaluator, flat_eval_metrics, parse_eval_specs
 from jaxrlvr.learner import Learner
 from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
 from jaxrlvr.models.checkpoint import ExportError
-from jaxrlvr.record import record_config
+from jaxrlvr.record import CONFIG_FILE, config_changes, config_in_force, record_config
 from jaxrlvr.rollouts import (
     RolloutCollector,
     derive_seed,
@@ -254,7 +254,9 @@ class Trainer:
         return self.learner.programs
 
     def _resume(self) -> None:
-        """Restore the newest sound checkpoint, if any (damaged ones are set aside)."""
+        """Restore the newest sound checkpoint, if any (damaged ones are set aside). A
+        checkpoint of another state structure (a changed setting) is refused with a
+        `ConfigError` naming the changed config keys; nothing is moved or overwritten."""
 
         def problem(step: int, state: grpo.TrainState) -> str | None:
             if int(state.step) != step:
@@ -263,7 +265,15 @@ class Trainer:
                 return "its parameters are not finite"
             return None
 
-        found = self.checkpointer.restore_latest(self.learner.state, problem)
+        try:
+            found = self.checkpointer.restore_latest(self.learner.state, problem)
+        except StateMismatch as e:
+            raise config_lib.ConfigError(
+                f"cannot resume from {e.path}: it holds a training state of another structure "
+                f"than this config builds ({e.differences}); {self._changes_since_recorded()}. "
+                "Nothing was moved: rerun with that run's settings to resume, or start fresh "
+                f"with a new config.workdir or after moving {self.checkpointer.directory} away"
+            ) from None
         if found is None:
             return
         step, state, data_state = found
@@ -272,6 +282,22 @@ class Trainer:
         self.data_iter.set_state(data_state)
         self.start_step = step
         log.info("resumed from %s at step %d", self.checkpointer.directory, step)
+
+    def _changes_since_recorded(self) -> str:
+        """The config keys that differ from those the workdir's latest run recorded."""
+        try:
+            before = config_in_force(self.workdir)
+        except (OSError, ValueError) as e:
+            return f"the config the run recorded cannot be read ({e})"
+        if before is None:
+            return f"the run recorded no config ({os.path.join(self.workdir, CONFIG_FILE)})"
+        changed = config_changes(before, json.loads(self.config.to_json()))
+        changed.pop("workdir", None)  # where the run lives does not shape its state
+        if not changed:
+            return "no config key differs from that run's: the code or library versions do"
+        return "config keys changed since the run that wrote it: " + ", ".join(
+            f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items()
+        )
 
     # ------------------------------------------------------------------ one step
 

@@ -8,8 +8,15 @@ FAULT is one of:
   a signal sent when the marker appears lands in the middle of an evaluation.
 - `file_size_limit`: the kernel refuses writes that grow a file past 32 KiB (as a full
   disk refuses them); the demo's checkpoint files are larger, its metrics file smaller.
+- `unreadable`: opening a file whose path matches the pattern `$FAULT_PATH` (`fnmatch`)
+  fails with a PermissionError, as for a file whose mode or owner a copy got wrong (tests
+  run as root, which no mode keeps out); without `$FAULT_PATH` every file opens.
 """
 
+import builtins
+import errno
+import fnmatch
+import io
 import os
 import resource
 import signal
@@ -50,9 +57,25 @@ def file_size_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
 
 
+def unreadable():
+    pattern, real_open = os.environ.get("FAULT_PATH"), builtins.open
+    if pattern is None:
+        return
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and fnmatch.fnmatch(os.fspath(file), pattern):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    builtins.open = io.open = refusing_open
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], [sys.argv[0], *sys.argv[2:]]
-    faults = {"slow_save": slow_save, "slow_eval": slow_eval, "file_size_limit": file_size_limit}
+    faults = {
+        "slow_save": slow_save, "slow_eval": slow_eval, "file_size_limit": file_size_limit,
+        "unreadable": unreadable,
+    }  # fmt: skip
     faults.get(fault, lambda: None)()
     train.define_flags()
     app.run(train.main, argv=argv, flags_parser=train.parse_flags)

@@ -189,6 +189,72 @@ def test_damaged_newest_checkpoint_is_set_aside(policy, reference, tmp_path):
     assert set(entry["changed"]) == {"train.log_every", "workdir"}  # the copy moved it
 
 
+def copy_of_finished_run(reference: Path, workdir: Path) -> dict[str, bytes]:
+    """A copy of the reference run without its export (so a rerun would train again),
+    and the bytes of every file in it, to show later that nothing moved or changed."""
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "hf")
+    return files_in(workdir)
+
+
+def files_in(workdir: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(workdir)): f.read_bytes() for f in workdir.rglob("*") if f.is_file()}
+
+
+def test_resume_with_another_optimizer_structure_is_refused(policy, reference, tmp_path):
+    workdir = tmp_path / "run"
+    before = copy_of_finished_run(reference, workdir)
+    code, log = finish(start("none", run_flags(policy, workdir) + ["--config.optim.grad_clip=0"]))
+    assert code == 2, log[-3000:]
+    (line,) = [x for x in log.splitlines() if x.startswith("error:")]
+    assert f"cannot resume from {workdir}/checkpoints/{STEPS}" in line, line
+    assert "optim.grad_clip (1.0 -> 0.0)" in line and "opt_state" in line, line
+    assert "new config.workdir" in line and "Nothing was moved" in line, line
+    assert files_in(workdir) == before  # checkpoints, metrics.jsonl, config.json untouched
+
+
+def test_unreadable_checkpoint_stops_with_nothing_moved(policy, reference, tmp_path):
+    workdir = tmp_path / "run"
+    before = copy_of_finished_run(reference, workdir)
+    unreadable = workdir / "checkpoints" / str(STEPS) / "state" / "_METADATA"
+    code, log = finish(start("unreadable", run_flags(policy, workdir), FAULT_PATH=str(unreadable)))
+    assert code == 1, log[-3000:]
+    (line,) = [x for x in log.splitlines() if x.startswith("error:")]
+    assert f"cannot read the checkpoint {workdir}/checkpoints/{STEPS}" in line, line
+    assert f"Permission denied: '{unreadable}'" in line and "nothing was moved" in line, line
+    assert files_in(workdir) == before
+
+
+def test_only_undecodable_data_counts_as_damage():
+    from jaxrlvr.checkpointing import _corruption
+
+    def wrapped(inner: Exception) -> Exception:  # as Orbax wraps a failed tensorstore read
+        outer = Exception("Encountered error while reading array index")
+        outer.__cause__ = inner
+        return outer
+
+    damage = [
+        ValueError('OUT_OF_RANGE: Error reading "step/.zarray": Requested byte range [0, 4562) '
+                   "is not valid for value of size 16"),
+        ValueError('DATA_LOSS: Error decoding local file "manifest.ocdbt"'),
+        ValueError('FAILED_PRECONDITION: Error reading "params.embed.value/0.0": '
+                   "ZSTD_decompressStream() failed: Unknown frame descriptor"),
+        json.JSONDecodeError("Expecting value", "{", 1),
+    ]  # fmt: skip
+    for e in damage:
+        assert _corruption(e) and _corruption(wrapped(e)), e
+    not_damage = [
+        PermissionError(13, "Permission denied", "/ckpt/5/state/_METADATA"),
+        ValueError('PERMISSION_DENIED: Error opening file "/ckpt/5/state/d/ab": Permission denied'),
+        ValueError('UNAVAILABLE: Error reading "gs://b/ckpt/5/state": Truncated response'),
+        ValueError('NOT_FOUND: Error reading local file "/ckpt/5/state/d/ab"'),
+        ValueError("Requested shape (3,) does not match the stored (2,)"),
+        RuntimeError("Event loop is closed"),
+    ]
+    for e in not_damage:
+        assert _corruption(e) is None and _corruption(wrapped(e)) is None, e
+
+
 def test_refused_writes_stop_the_run_at_the_next_step(policy, tmp_path):
     flags = run_flags(policy, tmp_path, **{"train.checkpoint_every": 1, "train.eval_every": 0})
     code, log = finish(start("file_size_limit", flags))

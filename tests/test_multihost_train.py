@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import portpicker
@@ -53,7 +54,8 @@ def env(devices: int) -> dict:
     )
 
 
-def start_pair(args: list[str]) -> list[subprocess.Popen]:
+def start_pair(args: list[str], env_of: dict[int, dict] | None = None) -> list[subprocess.Popen]:
+    """Both processes of a run; `env_of[i]` adds variables to process i's environment."""
     coordinator = f"localhost:{portpicker.pick_unused_port()}"
     return [
         subprocess.Popen(
@@ -63,7 +65,7 @@ def start_pair(args: list[str]) -> list[subprocess.Popen]:
                 "--num_processes=2",
                 f"--process_id={i}",
             ],
-            env=env(4),
+            env=env(4) | (env_of or {}).get(i, {}),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -152,3 +154,32 @@ def _run_pair_expecting_failure(args) -> list[str]:
             p.kill()
     assert all(p.returncode == 2 for p in procs), outputs
     return outputs
+
+
+def test_a_checkpoint_one_process_cannot_read_stops_both(policy, tmp_path):
+    """Process 1 cannot open a file of the newest checkpoint, process 0 can: both exit
+    with process 1's error (no hang), and the checkpoint stays where it is."""
+    run = tmp_path / "run"
+    args = train_args(policy, run, "(1,4,2)")
+    one_step = [*args, "--config.train.steps=1", "--config.train.eval_every=0"]
+    out = subprocess.run(one_step, env=env(8), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    unreadable = run / "checkpoints" / "1" / "state" / "_METADATA"
+    runner = [sys.executable, str(Path(__file__).parent / "fault_runner.py"), "unreadable"]
+    procs = start_pair(
+        [*runner, *one_step[3:]], env_of={1: {"FAULT_PATH": str(unreadable)}}
+    )  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 1, output[-3000:]
+        (line,) = [x for x in output.splitlines() if x.startswith("error:")]
+        assert line.startswith(
+            f"error: cannot read the checkpoint {run}/checkpoints/1 (process 1"
+        ), line
+        assert f"Permission denied: '{unreadable}'" in line, line
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
