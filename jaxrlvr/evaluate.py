@@ -2,16 +2,21 @@
 
 The policy is a Hugging Face checkpoint directory (`--checkpoint`, e.g. a run's `hf/`),
 or a training workdir (`--workdir`) at its final export or at an Orbax checkpoint
-(`--step`). Each `--eval=NAME=PATH[:answer_field[:template]]` is one benchmark. The
-sampling and reward settings come from the run's recorded config when there is one
-(`workdir/config.json`, also found next to a workdir's `hf/`), else from `--preset`;
-flags override them. Writes `OUT/eval.json` (`{benchmark: {metric: value}}`),
+(`--step`). Each `--eval=name=NAME,path=PATH[,prompt_field=F][,answer_field=F]
+[,template=T]` (or `--eval=NAME=PATH[:answer_field[:template]]`) is one benchmark;
+`PATH` may be a glob or a URL (`jaxrlvr.data.files`). The sampling and reward settings
+come from the run's recorded config when there is one (`workdir/config.json`, also found
+next to a workdir's `hf/`), else from `--preset`, else (a bare checkpoint) from
+`BARE_CHECKPOINT_PRESET` with the prompt and response lengths from the checkpoint's
+context (`checkpoint_lengths`); flags override them. An eval set that keeps no prompt is
+refused. Writes `OUT/eval.json` (`{benchmark: {metric: value}}`),
 `OUT/samples.jsonl` (one line per sample) and `OUT/eval.md`; the metrics are those of
 `jaxrlvr.evaluation`, the same the trainer logs.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -27,13 +32,13 @@ from transformers import AutoTokenizer
 from jaxrlvr import config as config_lib
 from jaxrlvr import grpo, preflight
 from jaxrlvr.checkpointing import Checkpointer
+from jaxrlvr.data import read_prompts
 from jaxrlvr.evaluation import EvalSet, Evaluator, markdown_table, parse_eval_specs
 from jaxrlvr.models import load_hf_checkpoint
 from jaxrlvr.record import config_in_force, flatten, write_atomic
 from jaxrlvr.rollouts import RolloutCollector, make_reward, pad_token_id, stop_token_ids
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
-from jaxrlvr.train import read_prompts
 
 log = logging.getLogger("jaxrlvr.evaluate")
 
@@ -50,18 +55,99 @@ OVERRIDES = {
 }
 
 
+BARE_CHECKPOINT_PRESET = "qwen2.5-math-1.5b"  # settings for a checkpoint without a run
+DEFAULT_MAX_PROMPT_LEN = 1024
+DEFAULT_MAX_NEW_TOKENS = 3072
+
+
+def check_not_workdir(checkpoint: str) -> None:
+    """Refuse a training workdir given as `--checkpoint` (it holds the run's config.json,
+    checkpoints/ or hf/, not weights), pointing to `--workdir`."""
+    if glob.glob(os.path.join(checkpoint, "*.safetensors")):
+        return
+    recorded = os.path.isfile(os.path.join(checkpoint, "config.json")) and _is_run_config(
+        os.path.join(checkpoint, "config.json")
+    )
+    parts = [p for p in ("checkpoints", "hf") if os.path.isdir(os.path.join(checkpoint, p))]
+    if recorded or parts:
+        found = ", ".join(
+            [*(["a run's config.json"] if recorded else []), *(f"{p}/" for p in parts)]
+        )
+        raise config_lib.ConfigError(
+            f"--checkpoint={checkpoint} is a training workdir ({found}), not a Hugging Face "
+            f"checkpoint: use --workdir={checkpoint} (its final export; --step=N for an Orbax "
+            f"checkpoint) or --checkpoint={os.path.join(checkpoint, 'hf')}"
+        )
+
+
+def _is_run_config(path: str) -> bool:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "preset" in data and "model" in data
+
+
+def checkpoint_context(checkpoint: str) -> int | None:
+    """The context length of a Hugging Face checkpoint: its config.json's
+    `max_position_embeddings`, or its tokenizer's `model_max_length` when smaller; None
+    when neither can be read (the model-directory check then says why)."""
+    limits = []
+    for name, key in (("config.json", "max_position_embeddings"),
+                      ("tokenizer_config.json", "model_max_length")):  # fmt: skip
+        try:
+            with open(os.path.join(checkpoint, name)) as f:
+                value = json.load(f).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9:
+            limits.append(value)
+    return min(limits) if limits else None
+
+
+def checkpoint_lengths(context: int, overrides: dict) -> dict[str, int]:
+    """`data.max_prompt_len` and `rollout.max_new_tokens` for a checkpoint of `context`
+    positions without a run config (given flags win):
+
+    - max_prompt_len: min(1024, context - max_new_tokens) when --max_new_tokens is given,
+      else min(1024, context // 4);
+    - max_new_tokens: min(3072, context - max_prompt_len).
+    """
+    new = overrides.get("rollout.max_new_tokens")
+    prompt = overrides.get("data.max_prompt_len")
+    if prompt is None:
+        prompt = min(DEFAULT_MAX_PROMPT_LEN, context - new if new else context // 4)
+    if new is None:
+        new = min(DEFAULT_MAX_NEW_TOKENS, context - prompt)
+    if prompt < 1 or new < 1 or prompt + new > context:
+        raise config_lib.ConfigError(
+            f"max_prompt_len={prompt} + max_new_tokens={new} do not fit the checkpoint's "
+            f"context of {context} positions (config.json max_position_embeddings / "
+            "tokenizer model_max_length)"
+        )
+    return {"data.max_prompt_len": prompt, "rollout.max_new_tokens": new}
+
+
 def resolve_config(
-    checkpoint: str | None, workdir: str | None, preset: str, overrides: dict
+    checkpoint: str | None, workdir: str | None, preset: str | None, overrides: dict
 ) -> ml_collections.ConfigDict:
-    """The run's recorded config (workdir, or the parent of a workdir's `hf/`), or the
-    preset's, with `overrides` (dotted key -> value) applied and validated."""
+    """The run's recorded config (workdir, or the parent of a workdir's `hf/`), or else
+    `preset`'s, with `overrides` (dotted key -> value) applied and validated.
+
+    A checkpoint without a run config and no `preset` gets `BARE_CHECKPOINT_PRESET`'s
+    settings with its lengths from the checkpoint (`checkpoint_lengths`)."""
     recorded = None
     for d in filter(None, (workdir, checkpoint and os.path.dirname(os.path.abspath(checkpoint)))):
         if (recorded := config_in_force(d)) is not None:
             break
-    config = config_lib.base_config(recorded["preset"] if recorded else preset)
+    config = config_lib.base_config(
+        recorded["preset"] if recorded else preset or BARE_CHECKPOINT_PRESET
+    )
     if recorded:
         config.update_from_flattened_dict(_flatten_known(recorded, config))
+    elif not preset and checkpoint and (context := checkpoint_context(checkpoint)):
+        overrides = {**overrides, **checkpoint_lengths(context, overrides)}
     for key, value in overrides.items():
         config.update_from_flattened_dict({key: value})
     config.model.path = checkpoint or config.model.path
@@ -127,11 +213,18 @@ def evaluate(
     sets = []
     for s in specs:
         try:
-            sets.append(EvalSet(s, read_prompts(config, "eval_files", tokenizer, s)))
+            prompts = read_prompts(config, "eval_files", tokenizer, s)
         except config_lib.ConfigError as e:
             raise config_lib.ConfigError(
                 f"--eval={s.name}: {e.args[0].split(': ', 1)[1]}"
             ) from None
+        if not len(prompts):
+            raise config_lib.ConfigError(
+                f"--eval={s.name}: no prompt of {s.path} is kept ({prompts.num_dropped} longer "
+                f"than max_prompt_len={config.data.max_prompt_len} tokens); raise "
+                "--max_prompt_len"
+            )
+        sets.append(EvalSet(s, prompts))
     mesh = make_mesh(tuple(config.mesh.shape))
     model = load_policy(config, mesh, workdir, step)
     stop_ids = stop_token_ids(tokenizer)
@@ -163,17 +256,33 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "Hugging Face checkpoint directory of the policy")
     flags.DEFINE_string("workdir", None, "a training workdir (its hf/, or --step)")
     flags.DEFINE_integer("step", None, "with --workdir: the Orbax checkpoint step to evaluate")
-    flags.DEFINE_multi_string("eval", [], "NAME=PATH[:answer_field[:template]], repeatable")
+    flags.DEFINE_multi_string(
+        "eval",
+        [],
+        "eval set name=NAME,path=PATH[,prompt_field=F][,answer_field=F][,template=T] "
+        "(or NAME=PATH[:answer_field[:template]]); PATH may be a glob or URL; repeatable",
+    )
     flags.DEFINE_integer("n", 16, "samples per prompt (Avg@n, Pass@k for k up to n, maj@n)")
     flags.DEFINE_string("out", None, "output directory (eval.json, samples.jsonl, eval.md)")
-    flags.DEFINE_string("preset", "demo", "settings to start from when no run config is found")
+    flags.DEFINE_string(
+        "preset",
+        None,
+        "settings to start from when no run config is found (default: "
+        f"{BARE_CHECKPOINT_PRESET}'s, lengths from the checkpoint's config.json)",
+    )
     flags.DEFINE_integer("max_prompts", 0, "first prompts of each set only; 0 = all")
     flags.DEFINE_float("temperature", None, "sampling temperature (default: the run's)")
     flags.DEFINE_float("top_p", None, "nucleus sampling (default: the run's)")
     flags.DEFINE_integer("top_k", None, "top-k sampling, 0 = off (default: the run's)")
-    flags.DEFINE_integer("max_new_tokens", None, "response budget (default: the run's)")
+    flags.DEFINE_integer(
+        "max_new_tokens", None, "response budget (default: the run's, or from the checkpoint)"
+    )
     flags.DEFINE_integer("max_slots", None, "concurrent sequences of the sampler")
-    flags.DEFINE_integer("max_prompt_len", None, "longer prompts are dropped")
+    flags.DEFINE_integer(
+        "max_prompt_len",
+        None,
+        "longer prompts are dropped (default: the run's, or from the checkpoint)",
+    )
     flags.DEFINE_string("reward", None, "math | demo (default: the run's)")
     flags.DEFINE_integer("seed", None, "sampling seed (default: the run's)")
 
@@ -192,6 +301,8 @@ def main(argv: list[str]) -> None:
         if f.n < 1:
             raise config_lib.ConfigError(f"--n={f.n}: must be >= 1")
         checkpoint = f.checkpoint
+        if checkpoint:
+            check_not_workdir(checkpoint)
         if f.workdir and not checkpoint and f.step is None:
             checkpoint = os.path.join(f.workdir, "hf")
         overrides = {key: f[name].value for name, key in OVERRIDES.items() if f[name].present}

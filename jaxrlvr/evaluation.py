@@ -1,8 +1,11 @@
 """Evaluation of a policy on held-out benchmarks: accuracy, Pass@k, majority vote,
 calibration and diversity of its n samples per prompt.
 
-An eval set is named and carries its own answer field and prompt template, written
-`NAME=PATH[:answer_field[:template]]` (a bare `PATH` is named after the file). The
+An eval set is named and carries its own file(s), prompt and answer fields and prompt
+template, written `name=NAME,path=PATH,prompt_field=F,answer_field=F,template=T` (every
+key but `path` optional; `PATH` a local path, a glob or a URL) or, in short,
+`NAME=PATH[:answer_field[:template]]`; a set without a name is named after its file
+(`jaxrlvr.data.files`). The
 trainer's in-loop evaluation and `python -m jaxrlvr.evaluate` both sample through
 `Evaluator` and compute the same metrics with `benchmark_metrics`:
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -35,47 +37,25 @@ from typing import Any
 import numpy as np
 
 from jaxrlvr import markdown
-from jaxrlvr.config import ConfigError, split_files
+from jaxrlvr.data.files import DataSpec, parse_specs
 
 ECE_BINS = 10
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-    """One eval set: its name, file(s), answer field and prompt template."""
-
-    name: str
-    path: str
-    answer_field: str
-    template: str
+EvalSpec = DataSpec  # an eval set: a `DataSpec` with its name
 
 
-def parse_eval_spec(spec: str, answer_field: str, template: str) -> EvalSpec:
-    """`NAME=PATH[:answer_field[:template]]`, or a bare `PATH` (named after the file);
-    unset parts take the given defaults."""
-    name, sep, rest = spec.partition("=")
-    if not sep:
-        name, rest = "", spec
-    path, *extra = rest.split(":")
-    if len(extra) > 2 or not path:
-        raise ConfigError(f"eval set {spec!r}: expected NAME=PATH[:answer_field[:template]]")
-    name = name or os.path.splitext(os.path.basename(path))[0].replace("*", "")
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"eval set {spec!r}: name {name!r} must be letters, digits, - _ .")
-    field = extra[0] if extra and extra[0] else answer_field
-    tmpl = extra[1] if len(extra) > 1 and extra[1] else template
-    return EvalSpec(name, path, field, tmpl)
-
-
-def parse_eval_specs(text: str | Sequence[str] | None, answer_field: str, template: str):
-    """Comma-separated (or a list of) eval specs -> `EvalSpec`s with distinct names."""
-    items = split_files(text) if isinstance(text, str) or text is None else list(text)
-    specs = [parse_eval_spec(s, answer_field, template) for s in items]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"eval sets: the name {dup!r} is used twice; name them NAME=PATH")
-    return specs
+def parse_eval_specs(
+    text: str | Sequence[str] | None, answer_field: str = "", template: str = ""
+) -> list[EvalSpec]:
+    """The eval sets of `text` (`jaxrlvr.data.files` syntax) with distinct names; a set's
+    unset answer field and template take the given defaults."""
+    return [
+        dataclasses.replace(
+            s, answer_field=s.answer_field or answer_field, template=s.template or template
+        )
+        for s in parse_specs(text, eval_sets=True)
+    ]
 
 
 # ---------------------------------------------------------------------------- metrics

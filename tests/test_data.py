@@ -96,8 +96,8 @@ def test_read_parquet_and_glob_order(tmp_path: Path) -> None:
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "not a JSON object"),
-        ('{"prompt": "x"}', "missing answer field 'answer'"),
-        ('{"answer": "1"}', "missing prompt field 'prompt' or 'problem'"),
+        ('{"prompt": "x"}', "missing answer field 'reward_model.ground_truth' or 'answer'"),
+        ('{"answer": "1"}', "missing prompt field 'prompt', 'problem' or 'question'"),
         ('{"prompt": 5, "answer": "1"}', "prompt must be a string or a chat list"),
         ('{"prompt": [{"role": "user"}], "answer": "1"}', "chat prompt entries"),
         ('{"prompt": "x", "answer": null}', "answer must be a string or a number"),
@@ -136,6 +136,94 @@ def test_missing_and_unsupported_files(tmp_path: Path) -> None:
         read_examples(csv)
 
 
+def test_fields_found_per_row_so_formats_mix(tmp_path: Path) -> None:
+    """AMC-style `question`/`answer`, verl Parquet (`prompt` chat messages, answer in
+    `reward_model.ground_truth`) and MATH-style `problem` read together, no field named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    amc = write_jsonl(tmp_path / "amc.jsonl", [{"question": "q1", "answer": 3, "id": 0}])
+    dapo = tmp_path / "dapo.parquet"
+    pq.write_table(pa.Table.from_pylist([DAPO_ROW]), dapo)
+    aime = tmp_path / "aime.parquet"
+    pq.write_table(pa.Table.from_pylist([{"problem": "q2", "answer": "5"}]), aime)
+    got = [(e.prompt, e.answer) for e in read_examples([amc, dapo, aime])]
+    assert got == [("q1", "3"), (DAPO_ROW["prompt"], "2"), ("q2", "5")]
+
+
+def test_read_prompts_per_file_fields_and_templates(tmp_path: Path) -> None:
+    from jaxrlvr.config import ConfigError, base_config
+    from jaxrlvr.data import read_prompts
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"problem": "1+1=", "answer": "2"}])
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "2+2=", "meta": {"gt": "4"}}])
+    c = base_config("demo")
+    c.data.prompt_template = "qwen_chat"
+    c.data.max_prompt_len = 1000
+    c.data.train_files = f"{plain},path={odd},prompt_field=text,answer_field=meta.gt,template=raw"
+    ps = read_prompts(c, "train_files", build_demo_tokenizer())
+    assert ps.texts == [chatml([{"role": "system", "content": QWEN_MATH_SYSTEM},
+                                {"role": "user", "content": "1+1="}]), "2+2="]  # fmt: skip
+    assert ps.answers == ["2", "4"] and ps.origins == [f"{plain}:1", f"{odd}:1"]
+    c.data.train_files = f"path={odd},prompt_field=question"
+    with pytest.raises(ConfigError, match=rf"config.data.train_files: {odd}:1: missing prompt"):
+        read_prompts(c, "train_files", build_demo_tokenizer())
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 16 "):
+        read_examples(path)
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is not an error
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
+    assert read_examples(bom)[0].prompt == "a"
+
+
+def test_corrupt_parquet_names_file_and_damage(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    rows = [{"prompt": f"problem {i} " * 20, "answer": str(i)} for i in range(300)]
+    pq.write_table(pa.Table.from_pylist(rows), good, row_group_size=100, compression="none")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.parquet: not a readable Parquet file \(damaged"):
+        read_examples(cut)
+    column = pq.ParquetFile(good).metadata.row_group(1).column(0)
+    start = column.data_page_offset
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(data[:start] + b"\xff" * 64 + data[start + 64 :])
+    with pytest.raises(DataError, match=r"bad\.parquet: row group 1 of 3 \(from row 100\) is dam"):
+        read_examples(bad)
+
+
+def test_urls_are_read_through_fsspec(tmp_path: Path) -> None:
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/jaxrlvr-test/amc.jsonl", "w") as f:
+        f.write(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    with fs.open("/jaxrlvr-test/dapo.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist([DAPO_ROW]), f)
+    try:
+        ex = read_examples(["memory://jaxrlvr-test/*.jsonl", "memory://jaxrlvr-test/dapo.parquet"])
+        assert [(e.answer, e.origin) for e in ex] == [
+            ("1", f"{fs.unstrip_protocol('/jaxrlvr-test/amc.jsonl')}:1"),  # a glob's match
+            ("2", "memory://jaxrlvr-test/dapo.parquet: row 0"),  # as given
+        ]
+        with pytest.raises(FileNotFoundError, match="memory://jaxrlvr-test/nope.jsonl"):
+            read_examples("memory://jaxrlvr-test/nope.jsonl")
+        with pytest.raises(DataError, match="nosuchfs://b/x.jsonl"):
+            read_examples("nosuchfs://b/x.jsonl")
+    finally:
+        fs.rm("/jaxrlvr-test", recursive=True)
+
+
 # ---------------------------------------------------------------- templates
 
 
@@ -153,7 +241,7 @@ def test_templates_without_chat_template(tok) -> None:
         "The last line of your response should be of the form Answer: $Answer (without quotes)"
         in text
     )
-    assert text.endswith('after "Answer:"<|im_end|>\n<|im_start|>assistant\n')
+    assert text.endswith('after "Answer:".<|im_end|>\n<|im_start|>assistant\n')
     # chat-list prompts are rendered as given, whatever the template
     msgs = [{"role": "user", "content": "hi"}]
     for template in ("raw", "qwen_chat", "dapo"):
@@ -189,6 +277,98 @@ def test_prepare_prompts_tokenizes_and_drops_long(tok, caplog) -> None:
     # chat-rendered text already holds its special tokens: none are added
     ps = prepare_prompts([Example([{"role": "user", "content": "1"}], "1", "f:1")], tok, "raw")
     assert ps.input_ids[0][0] != tok.bos_token_id
+
+
+def test_dapo_template_is_dapo_math_17k_text() -> None:
+    """DAPO-Math-17k's own prompt, to the character (its last period included)."""
+    assert DAPO_PREFIX + "P" + DAPO_SUFFIX == (
+        "Solve the following math problem step by step. The last line of your response "
+        "should be of the form Answer: $Answer (without quotes) where $Answer is the answer "
+        'to the problem.\n\nP\n\nRemember to put your answer on its own line after "Answer:".'
+    )
+
+
+class SpyTokenizer:
+    """A tokenizer that records every text it is asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.seen = tok, []
+
+    def __call__(self, texts, **kw):
+        self.seen += list(texts)
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_over_long_prompt_is_dropped_untokenized(tok, caplog) -> None:
+    huge = "1+" * 100_000 + "1="
+    examples = [
+        Example("1+2=", "3", "f:1"),
+        Example(huge, "x", "big.jsonl:2"),
+        Example("10+20+30=", "60", "f:3"),
+    ]
+    spy = SpyTokenizer(tok)
+    ps = prepare_prompts(examples, spy, "raw", max_prompt_len=6)
+    assert ps.texts == ["1+2="] and ps.num_dropped == 2
+    assert huge not in spy.seen and sorted(spy.seen) == ["1+2=", "10+20+30="]
+    # the demo tokenizer: one character (<= 4 bytes) or `<bos>` (5 bytes) per token
+    assert (
+        "dropped 2 of 3 prompts longer than max_prompt_len=6 tokens (1 of them over 30 bytes, "
+        "not tokenized, the first at big.jsonl:2)" in caplog.text
+    )
+
+
+def byte_level_bpe(**added):
+    """A small Qwen2-like tokenizer: NFC, byte-level BPE, ChatML special tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    special = [AddedToken(t, special=True, **added) for t in ("<|im_start|>", "<|im_end|>")]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=special
+    )
+    tk.train_from_iterator(
+        ["What is 1+1? The answer is 2.     ---- ====", "\u00e9t\u00e9"] * 50, trainer
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+def test_max_token_bytes_bounds_the_tokens_of_any_text(tok) -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxrlvr.data.token_bound import max_token_bytes
+
+    texts = [
+        "What is 1+1? The answer is 2." * 5,
+        "<|im_start|>user\n\u00e9t\u00e9<|im_end|>" * 3,
+        "e\u0301" * 40,  # NFC composes each pair: 3 bytes -> 2
+        "\u1100\u1161\u11a8" * 20,  # Hangul jamo: 9 bytes -> one 3-byte syllable
+        "\U0001d400 " * 30 + " " * 100 + "-" * 100,
+    ]
+    bpe = byte_level_bpe()
+    for t in (bpe, tok):
+        bound = max_token_bytes(t)
+        assert bound is not None
+        for text in texts:
+            n = len(t(text, add_special_tokens=False)["input_ids"])
+            assert n * bound >= len(text.encode("utf-8")), (text[:20], n, bound)
+    assert max_token_bytes(tok) == 5  # `<bos>`; a character is at most 4 bytes
+    # no bound where a token can stand for unbounded text: dropped whitespace, stripping
+    # normalizers or added tokens, whole words of a word-level vocabulary
+    words = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert max_token_bytes(PreTrainedTokenizerFast(tokenizer_object=words)) is None
+    strip = byte_level_bpe()
+    strip.backend_tokenizer.normalizer = normalizers.Strip()
+    assert max_token_bytes(strip) is None
+    assert max_token_bytes(byte_level_bpe(rstrip=True)) is None
+    assert max_token_bytes(object()) is None  # a slow tokenizer: tokenized in full
 
 
 # ---------------------------------------------------------------- pipeline

@@ -14,7 +14,6 @@ from jaxrlvr.evaluation import (
     flat_eval_metrics,
     majority_correct,
     pairwise_dissimilarity,
-    parse_eval_spec,
     parse_eval_specs,
     pass_at_k,
     pass_ks,
@@ -96,15 +95,49 @@ def test_flat_eval_metrics_pool_and_name_each_set():
     }  # fmt: skip
 
 
-def test_eval_specs():
-    s = parse_eval_spec("aime=/d/aime.jsonl:solution:qwen_chat", "answer", "dapo")
+def one(spec: str, answer_field: str = "answer", template: str = "dapo"):
+    [s] = parse_eval_specs(spec, answer_field, template)
+    return s
+
+
+def test_eval_specs_short_form():
+    s = one("aime=/d/aime.jsonl:solution:qwen_chat")
     assert (s.name, s.path, s.answer_field, s.template) == (
         "aime", "/d/aime.jsonl", "solution", "qwen_chat",
     )  # fmt: skip
-    s = parse_eval_spec("/d/math500.parquet", "answer", "dapo")
+    s = one("/d/math500.parquet")
     assert (s.name, s.answer_field, s.template) == ("math500", "answer", "dapo")
-    assert parse_eval_spec("x=/d/x.jsonl::raw", "answer", "dapo").template == "raw"
+    assert one("x=/d/x.jsonl::raw").template == "raw"
     with pytest.raises(ConfigError, match="expected NAME=PATH"):
-        parse_eval_spec("x=/d/x.jsonl:a:b:c", "answer", "dapo")
+        one("x=/d/x.jsonl:a:b:c")
     with pytest.raises(ConfigError, match="used twice"):
         parse_eval_specs("/a/eval.jsonl,/b/eval.jsonl", "answer", "raw")
+
+
+def test_eval_specs_take_urls_and_per_set_fields():
+    # the short form keeps a URL's scheme (it split `aime=gs://b/x.parquet` into path `gs`)
+    s = one("aime=gs://b/x.parquet")
+    assert (s.name, s.path, s.answer_field) == ("aime", "gs://b/x.parquet", "answer")
+    s = one("gs://b/aime24.parquet:gt")
+    assert (s.name, s.path, s.answer_field) == ("aime24", "gs://b/aime24.parquet", "gt")
+    # keyed form: every field per set; a repeated key starts the next set
+    specs = parse_eval_specs(
+        "name=amc,path=gs://b/amc.parquet,prompt_field=question,answer_field=answer,"
+        "template=qwen_chat,name=aime,path=memory://d/aime.parquet,math=/d/m.jsonl",
+        "reward_model.ground_truth",
+        "dapo",
+    )
+    got = [(s.name, s.path, s.prompt_field, s.answer_field, s.template) for s in specs]
+    assert got == [
+        ("amc", "gs://b/amc.parquet", "question", "answer", "qwen_chat"),
+        ("aime", "memory://d/aime.parquet", "", "reward_model.ground_truth", "dapo"),
+        ("math", "/d/m.jsonl", "", "reward_model.ground_truth", "dapo"),
+    ]
+    # repeatable --eval flags: a list of such strings
+    assert [s.name for s in parse_eval_specs(["name=a,path=/a.jsonl", "b=/b.jsonl"])] == ["a", "b"]
+    with pytest.raises(ConfigError, match="no path="):
+        parse_eval_specs("name=a,prompt_field=question")
+    with pytest.raises(ConfigError, match="template='chatml'; choose one of"):
+        parse_eval_specs("path=/a.jsonl,template=chatml")
+    with pytest.raises(ConfigError, match="prompt_field= is empty"):
+        parse_eval_specs("path=/a.jsonl,prompt_field=")

@@ -1,5 +1,5 @@
-"""Data: sources (JSONL/Parquet rows), prompt templates, the Grain batch pipeline, and the
-embedded arithmetic demo task.
+"""Data: sources (JSONL/Parquet rows), the files a config names (`files`), prompt templates,
+the Grain batch pipeline, and the embedded arithmetic demo task.
 
 Names are imported lazily so that light users (the demo reward) do not import Grain or
 transformers.
@@ -15,6 +15,10 @@ _EXPORTS = {
     "Example": "sources",
     "expand_paths": "sources",
     "read_examples": "sources",
+    "DataSpec": "files",
+    "parse_specs": "files",
+    "read_prompts": "files",
+    "max_token_bytes": "token_bound",
     "TEMPLATES": "templates",
     "QWEN_MATH_SYSTEM": "templates",
     "DAPO_PREFIX": "templates",

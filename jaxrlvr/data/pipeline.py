@@ -4,7 +4,8 @@ Design (what the trainer relies on):
 
 - Prompts are rendered (`templates`) and tokenized once, up front. Prompts longer than
   `max_prompt_len` tokens are *dropped*, not truncated (a cut math problem is a
-  different problem); the count is logged and kept in `PromptSet.num_dropped`.
+  different problem); the count is logged and kept in `PromptSet.num_dropped`. Prompts
+  whose UTF-8 length proves them too long (`token_bound`) are dropped untokenized.
 - Batches are *global*: every epoch is a fresh permutation of all N prompts (Grain's
   `MapDataset.shuffle`, reseeded per epoch), cut into batches of `prompts_per_step`; the
   trailing N % prompts_per_step prompts of each epoch are skipped when `drop_remainder`
@@ -32,6 +33,7 @@ import numpy as np
 
 from jaxrlvr.data.sources import Example, read_examples
 from jaxrlvr.data.templates import render_prompt
+from jaxrlvr.data.token_bound import max_token_bytes
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +70,38 @@ class PromptBatch:
 def prepare_prompts(
     examples: Sequence[Example],
     tokenizer: Any,
-    template: str,
+    template: str | Sequence[str],
     max_prompt_len: int | None = None,
     chunk_size: int = 4096,
 ) -> PromptSet:
     """Render, tokenize, and drop prompts longer than `max_prompt_len` tokens (logged).
 
-    Each distinct prompt is rendered and tokenized once (DAPO-Math-17k's Parquet repeats
-    every prompt ~100 times); repeats share one read-only id array.
+    `template` is one template for all examples or one per example. Each distinct
+    prompt is rendered and tokenized once (DAPO-Math-17k's Parquet repeats every prompt
+    ~100 times); repeats share one read-only id array. A rendered prompt of more UTF-8
+    bytes than `max_prompt_len` tokens can stand for (`token_bound.max_token_bytes`) is
+    dropped without being tokenized: a 50 MB line costs its bytes, not the tokenizer's
+    memory.
     """
+    templates = [template] * len(examples) if isinstance(template, str) else list(template)
+    if len(templates) != len(examples):
+        raise ValueError(f"{len(templates)} templates for {len(examples)} examples")
     cache: dict[Any, tuple[str, bool]] = {}
     rendered = []
-    for ex in examples:
+    for ex, tmpl in zip(examples, templates, strict=True):
         p = ex.prompt
-        key = p if isinstance(p, str) else tuple((m["role"], m["content"]) for m in p)
+        key = (tmpl, p if isinstance(p, str) else tuple((m["role"], m["content"]) for m in p))
         if key not in cache:
-            cache[key] = render_prompt(p, template, tokenizer)
+            cache[key] = render_prompt(p, tmpl, tokenizer)
         rendered.append(cache[key])
+    bound = max_token_bytes(tokenizer) if max_prompt_len is not None else None
+    max_bytes = None if bound is None else max_prompt_len * bound
+    too_long = set()
+    if max_bytes is not None:
+        too_long = {r for r in cache.values() if len(r[0].encode("utf-8")) > max_bytes}
     encoded: dict[tuple[str, bool], np.ndarray] = {}
     for chat in (False, True):  # chat text holds its own special tokens
-        todo = sorted({r for r in cache.values() if r[1] == chat})
+        todo = sorted({r for r in cache.values() if r[1] == chat} - too_long)
         for lo in range(0, len(todo), chunk_size):
             part = todo[lo : lo + chunk_size]
             enc = tokenizer([text for text, _ in part], add_special_tokens=not chat)
@@ -95,18 +109,26 @@ def prepare_prompts(
                 arr = np.asarray(row, dtype=np.int32)
                 arr.flags.writeable = False
                 encoded[r] = arr
-    ids = [encoded[r] for r in rendered]
-    keep = [i for i, x in enumerate(ids) if max_prompt_len is None or len(x) <= max_prompt_len]
+    keep = [
+        i
+        for i, r in enumerate(rendered)
+        if r not in too_long and (max_prompt_len is None or len(encoded[r]) <= max_prompt_len)
+    ]
     dropped = len(examples) - len(keep)
     if dropped:
+        unread = [i for i, r in enumerate(rendered) if r in too_long]
         log.warning(
-            "dropped %d of %d prompts longer than max_prompt_len=%d tokens",
+            "dropped %d of %d prompts longer than max_prompt_len=%d tokens%s",
             dropped,
             len(examples),
             max_prompt_len,
+            f" ({len(unread)} of them over {max_bytes} bytes, not tokenized, the first at "
+            f"{examples[unread[0]].origin})"
+            if unread
+            else "",
         )
     return PromptSet(
-        input_ids=[ids[i] for i in keep],
+        input_ids=[encoded[rendered[i]] for i in keep],
         texts=[rendered[i][0] for i in keep],
         answers=[examples[i].answer for i in keep],
         origins=[examples[i].origin for i in keep],
@@ -120,7 +142,7 @@ def load_prompts(
     template: str = "qwen_chat",
     max_prompt_len: int | None = None,
     prompt_field: str | None = None,
-    answer_field: str = "answer",
+    answer_field: str | None = None,
 ) -> PromptSet:
     """`read_examples` then `prepare_prompts`."""
     examples = read_examples(files, prompt_field=prompt_field, answer_field=answer_field)

@@ -29,7 +29,7 @@ DAPO_PREFIX = (
     "be of the form Answer: $Answer (without quotes) where $Answer is the answer to the "
     "problem.\n\n"
 )
-DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:"'
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 
 def chatml(messages: list[Message]) -> str:
