@@ -9,7 +9,6 @@ the shared tree with the preset's values (`demo`, `qwen2.5-math-7b`, `qwen2.5-ma
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 
@@ -74,10 +73,12 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.model.attention_block = 512  # key block of the blocked (flash) attention
 
     c.data = ml_collections.ConfigDict()
-    c.data.train_files = config_dict.placeholder(str)  # comma-separated paths or globs
+    # Comma-separated entries: paths, globs or URLs, or keyed `path=P,prompt_field=F,...`
+    # (jaxrlvr.data.files); eval sets add `name=`, or are written NAME=PATH[:answer[:tmpl]].
+    c.data.train_files = config_dict.placeholder(str)
     c.data.eval_files = config_dict.placeholder(str)
-    c.data.prompt_field = ""  # "": `prompt` if present, else `problem`; or a dotted path
-    c.data.answer_field = "answer"
+    c.data.prompt_field = ""  # dotted path; "": each row's first of prompt, problem, question
+    c.data.answer_field = ""  # dotted path; "": reward_model.ground_truth, else answer
     c.data.prompt_template = "qwen_chat"  # qwen_chat | dapo | raw
     c.data.max_prompt_len = 1024  # tokens; longer prompts are dropped (counted)
     c.data.shuffle = True
@@ -175,7 +176,6 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
         c.model.dtype = "bfloat16"
         c.model.remat = "full"
         c.data.prompt_template = "dapo" if preset == "qwen2.5-math-7b" else c.data.prompt_template
-        c.data.answer_field = "reward_model.ground_truth"
     return c
 
 
@@ -373,15 +373,10 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
         )
     if config.model.path:
         need(os.path.isdir(config.model.path), "model.path", "directory does not exist")
-    for key in ("data.train_files", "data.eval_files") if files else ():
-        for spec in split_files(_get(config, key)):
-            if key == "data.eval_files":  # NAME=PATH[:answer_field[:template]]
-                spec = spec.partition("=")[2] if "=" in spec else spec
-                spec = spec.split(":")[0]
-            if not glob.glob(spec):
-                errors.append(f"config.{key}: {spec!r} matches no file")
-            elif not spec.endswith((".jsonl", ".parquet")):
-                errors.append(f"config.{key}: {spec!r} is not a .jsonl or .parquet file")
+    if files:
+        from jaxrlvr.data.files import spec_errors
+
+        errors += spec_errors(config)
 
     if errors:
         # One problem: one line (the command lines print it as one `error:` line).

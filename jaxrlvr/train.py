@@ -38,8 +38,8 @@ from transformers import AutoTokenizer
 from jaxrlvr import config as config_lib
 from jaxrlvr import config_help, distributed, grpo, preflight
 from jaxrlvr.checkpointing import Checkpointer, CheckpointError, StateMismatch
-from jaxrlvr.data import DataError, PromptDataset, load_prompts
-from jaxrlvr.evaluation import EvalSet, EvalSpec, Evaluator, flat_eval_metrics, parse_eval_specs
+from jaxrlvr.data import PromptDataset, read_prompts
+from jaxrlvr.evaluation import EvalSet, Evaluator, flat_eval_metrics, parse_eval_specs
 from jaxrlvr.learner import Learner
 from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
@@ -85,26 +85,6 @@ def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.
         config.data.train_files = config.data.train_files or str(path / "train.jsonl")
         config.data.eval_files = config.data.eval_files or str(path / "eval.jsonl")
     return config
-
-
-def read_prompts(
-    config: ml_collections.ConfigDict, key: str, tokenizer, spec: EvalSpec | None = None
-):
-    """The prompts of `config.data.<key>` (or of one eval set `spec`, with its own answer
-    field and template); unreadable or malformed files raise `ConfigError` naming the
-    key, the file and the line."""
-    d = config.data
-    try:
-        return load_prompts(
-            config_lib.split_files(d[key]) if spec is None else spec.path,
-            tokenizer=tokenizer,
-            template=d.prompt_template if spec is None else spec.template,
-            max_prompt_len=d.max_prompt_len,
-            prompt_field=d.prompt_field or None,
-            answer_field=d.answer_field if spec is None else spec.answer_field,
-        )
-    except (DataError, OSError, ValueError) as e:
-        raise config_lib.ConfigError(f"config.data.{key}: {e}") from None
 
 
 class StopSignals:

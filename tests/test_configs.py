@@ -261,7 +261,7 @@ def test_qwen25_math_7b_reference_settings(name):
     if method not in ("clip_cov", "kl_cov"):  # those losses have no dual clip
         assert c.algo.dual_clip == 10.0
     assert c.data.prompt_template == "dapo"
-    assert c.data.answer_field == "reward_model.ground_truth"
+    assert c.data.answer_field == ""  # detected per row: reward_model.ground_truth first
     assert c.reward.name == "math"
 
 
