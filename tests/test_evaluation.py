@@ -141,3 +141,60 @@ def test_eval_specs_take_urls_and_per_set_fields():
         parse_eval_specs("path=/a.jsonl,template=chatml")
     with pytest.raises(ConfigError, match="prompt_field= is empty"):
         parse_eval_specs("path=/a.jsonl,prompt_field=")
+
+
+def evaluate_cli(*flags: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run(
+        [sys.executable, "-m", "jaxrlvr.evaluate", *flags], cwd=Path(__file__).parents[1],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_checkpoint_lengths_rule():
+    from jaxrlvr.evaluate import checkpoint_lengths
+
+    def lengths(context, **given):
+        got = checkpoint_lengths(context, {k.replace("__", "."): v for k, v in given.items()})
+        return got["data.max_prompt_len"], got["rollout.max_new_tokens"]
+
+    assert lengths(4096) == (1024, 3072)  # Qwen2.5-Math-1.5B/7B
+    assert lengths(512) == (128, 384)
+    assert lengths(32768, rollout__max_new_tokens=8) == (1024, 8)
+    assert lengths(512, rollout__max_new_tokens=500) == (12, 500)
+    with pytest.raises(ConfigError, match="do not fit the checkpoint's context of 100"):
+        lengths(100, data__max_prompt_len=90, rollout__max_new_tokens=20)
+
+
+def test_evaluate_bare_checkpoint_takes_its_lengths_and_refuses_an_empty_set(tmp_path):
+    """No run config, no --preset: lengths come from the checkpoint (context 512: prompts
+    up to 128 tokens), not the demo's 16; a set that keeps no prompt is refused (it wrote
+    `{"aime24": {}}` and exited 0); a workdir given as --checkpoint points to --workdir."""
+    import json
+
+    from tiny_policy import write_tiny_policy
+
+    policy = write_tiny_policy(tmp_path / "policy")
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"question": "1+" * 300 + "1=", "answer": 1}) + "\n"
+                            for _ in range(2)))  # fmt: skip
+    out = evaluate_cli(f"--checkpoint={policy}", f"--eval=aime24={long}", f"--out={tmp_path}/e")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --eval=aime24: no prompt of {long} is kept (2 longer than "
+        "max_prompt_len=128 tokens); raise --max_prompt_len"
+    )
+    assert not (tmp_path / "e" / "eval.json").exists()
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"preset": "demo", "model": {}}))
+    out = evaluate_cli(f"--checkpoint={workdir}", f"--eval={long}", f"--out={tmp_path}/e")
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: --checkpoint={workdir} is a training workdir (a run's")
+    assert f"use --workdir={workdir}" in line and f"--checkpoint={workdir / 'hf'}" in line
