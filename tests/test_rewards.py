@@ -217,3 +217,41 @@ def test_registry() -> None:
     math.close()
     with pytest.raises(ValueError, match="unknown reward"):
         get_reward_fn("code")
+
+
+@pytest.mark.parametrize(
+    "response, answer",
+    [
+        (r"\boxed{1\,000}", "1000"),  # thin space: math-verify alone reads the product 1*0
+        (r"\boxed{1\thinspace 000}", "1000"),
+        (r"\boxed{1\:000}", "1000"),
+        (r"\boxed{1\;000}", "1000"),
+        (r"\boxed{1\ 000}", "1000"),
+        (r"\boxed{1~000}", "1000"),
+        (r"\boxed{1 000}", "1000"),
+        (r"\boxed{1{,}000}", "1000"),
+        (r"\boxed{1\!000}", "1000"),
+        (r"\boxed{10\,000\,000}", "10000000"),
+        (r"\boxed{1\,000.5}", "1000.5"),
+        (r"\boxed{-2\,500}", "-2500"),
+        (r"\boxed{1\,000\text{ cm}}", "1000"),
+        ("Answer: $12\\,345$", "12345"),
+        (r"\boxed{1000}", r"1\,000"),  # separators in the ground truth too
+        (r"\boxed{1000}", r"1,\!000"),
+    ],
+)
+def test_digit_group_separators_score_ok(response: str, answer: str) -> None:
+    assert check_math_response(response, answer) == "ok"
+
+
+@pytest.mark.parametrize(
+    "response, answer",
+    [
+        (r"\boxed{2\,3}", "23"),  # not a group of three: left to math-verify (2*3)
+        (r"\boxed{0.123\,456}", "0.123456"),  # a decimal's fraction is not regrouped
+        (r"\boxed{1\,0000}", "10000"),
+        (r"\boxed{1\,000}", "1"),
+    ],
+)
+def test_digit_groups_only_of_three_are_joined(response: str, answer: str) -> None:
+    assert check_math_response(response, answer) == "wrong"

@@ -9,11 +9,15 @@ Extraction (`extract_answer`): the response's final answer is whichever comes la
 Surrounding `$`, `\(...\)`, `\[...\]`, `*`, a trailing period and special-token
 strings such as `<|im_end|>` are stripped.
 
-Comparison (`check_math_response`): the extracted answer and the ground truth are both
-wrapped as `\boxed{...}`, parsed with `math_verify.parse` and compared with
-`math_verify.verify(gold, pred)`, so whatever math-verify deems equivalent scores 1
-(`0.5`, `1/2`, `\frac{1}{2}`, `\dfrac12`; `1,000` and `1000`; `\sqrt{50}` and `5\sqrt{2}`).
-Nothing else is added on top.
+Comparison (`check_math_response`): in the extracted answer and in the ground truth,
+digit-group separators are removed (`ungroup_digits`: `1\,000`, `1{,}000`, `1\!000`,
+`1\ 000`, `1~000`, `1 000` -> `1000`; math-verify reads a LaTeX space between digits as
+a product, so `1\,000` would be `1*0`); both are then wrapped as `\boxed{...}`, parsed
+with `math_verify.parse` and compared with `math_verify.verify(gold, pred)`, so whatever
+math-verify deems equivalent scores 1 (`0.5`, `1/2`, `\frac{1}{2}`, `\dfrac12`; `1,000`
+and `1000`; `\sqrt{50}` and `5\sqrt{2}`). Nothing else is added on top. How this
+compares with math-verify on whole responses and with verl's DAPO scorer, form by form:
+docs/training.md, "The math reward".
 
 Time limit (`MathReward`): math-verify's own time-outs use `signal.alarm`, which works
 only in the main thread and cannot interrupt C-level bignum arithmetic, so they are off
@@ -38,6 +42,14 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_RE = re.compile(r"(?i)\banswer\**\s*:\s*\**[ \t]*([^\n]*)")
 _INLINE_MATH_RE = re.compile(r"\$+([^$]+?)\$+")
 _SPECIAL_TOKEN_RE = re.compile(r"<\|[^|<>\s]*\|>")  # e.g. <|im_end|> left in by the decoder
+# A thousands separator: a thin/medium/thick/normal/negative LaTeX space, a tie, `{,}` or a
+# plain space. A comma alone is left to math-verify, which reads `1,000` as 1000 but
+# `1,5` as the set {1, 5}.
+_GROUP_SEP = r"(?:\\[,:;! ]|\\thinspace(?![A-Za-z]) ?|~|\{,\}| )"
+# A whole number in groups of three: 1-3 leading digits, then separator + 3 digits, at
+# least once; not part of a longer digit run or of a decimal's fraction.
+_GROUPED_RE = re.compile(rf"(?<![\d.])\d{{1,3}}(?:{_GROUP_SEP}\d{{3}})+(?![\d])")
+_GROUP_SEP_RE = re.compile(_GROUP_SEP)
 
 
 def _boxed_content(text: str, start: int) -> str | None:
@@ -97,10 +109,20 @@ def extract_answer(response: str) -> str | None:
     return ans or None
 
 
+def ungroup_digits(expr: str) -> str:
+    r"""`expr` with the separators of digit groups removed: `1\,000\,000` -> `1000000`.
+
+    Only whole numbers written in groups of exactly three digits qualify, so `2\,3`,
+    `x\,y` and `0.123\,456` are left alone.
+    """
+    return _GROUPED_RE.sub(lambda m: _GROUP_SEP_RE.sub("", m.group(0)), expr)
+
+
 def _parse(expr: str) -> list:
     from math_verify import parse
 
     # Time-outs are enforced by the worker pool (see module docstring).
+    expr = ungroup_digits(expr)
     return parse("\\boxed{" + expr + "}", parsing_timeout=None, raise_on_error=True)
 
 
