@@ -108,7 +108,7 @@ HELP: dict[str, str] = {
     "train.max_checkpoints": "checkpoints kept",
     "train.max_skipped_steps": "consecutive steps with non-finite updates before the run stops",
     "train.log_every": "steps between console summary lines",
-    "train.progress": "progress bars",
+    "train.progress": "progress bars (only when stderr is a terminal)",
     "mesh.shape": "device mesh sizes over (data, fsdp, tensor); -1 = the remaining devices",
 }
 

@@ -104,10 +104,50 @@ class StepTimer:
         return _Section()
 
 
-def console_line(step: int, total: int, m: dict[str, Any], keys: tuple[str, ...]) -> str:
+class StepPace:
+    """Seconds per step of this process's run, for the console line's rate and ETA. The
+    first step (which compiles) is timed on its own and sets the pace only until a second
+    step is done."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (step, time) at the first step's end
+
+    def step_done(self, step: int) -> float:
+        """Record the end of `step`; the seconds per step so far."""
+        now = time.perf_counter()
+        if self._first is None or step <= self._first[0]:
+            self._first = (step, now)
+            return now - self._start
+        first_step, first_end = self._first
+        return (now - first_end) / (step - first_step)
+
+
+def console_line(
+    step: int,
+    total: int,
+    m: dict[str, Any],
+    keys: tuple[str, ...],
+    seconds_per_step: float | None = None,
+) -> str:
+    """`step k/N | r s/step | ETA t | key value | ...`: the periodic console (and log
+    file) line; with the rate and ETA, a log without a progress bar still shows progress."""
     parts = [f"step {step}/{total}"]
+    if seconds_per_step is not None:
+        parts.append(f"{seconds_per_step:.3g} s/step")
+        parts.append(f"ETA {_duration(max(total - step, 0) * seconds_per_step)}")
     for k in keys:
         if k in m and m[k] is not None:
             v = m[k]
             parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """`45s`, `3m07s`, `2h05m`."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

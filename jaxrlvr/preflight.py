@@ -1,9 +1,9 @@
 """Checks that run before anything is compiled, so a run fails in seconds, not hours.
 
 Each raises `ConfigError` naming the config key and the file or directory at fault:
-a model directory this port cannot load (see `check_model_dir`), a workdir that cannot be written,
-a disk with less free space than one checkpoint of the train state needs, and an
-attention kernel this platform cannot run.
+a model directory this port cannot load (see `check_model_dir`), a URL where a path is needed, a
+workdir that cannot be written, a disk with less free space than one checkpoint of the
+train state needs, and an attention kernel this platform cannot run.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import re
 import shutil
 import tempfile
 
@@ -78,6 +79,20 @@ def check_attention(config: ml_collections.ConfigDict) -> None:
     why = check_backend(config.model.attention, jax.default_backend())
     if why:
         raise ConfigError(f"config.model.attention={config.model.attention!r}: {why}")
+
+
+def check_local_path(key: str, path: str) -> None:
+    """`path` (the value of `key`) is a file-system path, not a URL such as `gs://b/run`.
+    Outputs are written with the OS's file calls, which would turn a URL into a local
+    `gs:/...` directory; a bucket is used through a mount (gcsfuse) instead. Call it
+    before anything is created."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
+    if scheme:
+        raise ConfigError(
+            f"{key}={path!r}: a {scheme.group(1)}:// URL, not a path; the outputs would land "
+            "in a local directory of that name. Mount the bucket instead (e.g. `gcsfuse "
+            f"--implicit-dirs BUCKET /mnt/BUCKET`) and set {key} to a path under the mount"
+        )
 
 
 def check_workdir(workdir: str) -> None:

@@ -100,7 +100,8 @@ class RolloutCollector:
             prompts,
             params,
             backend="native" if r.backend == "engine" else "jetstream",
-            progress=self.config.train.progress and len(prompts) * n >= 1024,
+            # None: the bar only on a terminal (a log file gets no carriage-return frames)
+            progress=None if self.config.train.progress and len(prompts) * n >= 1024 else False,
         )
 
     def decode(self, token_ids) -> str:

@@ -41,7 +41,7 @@ from jaxrlvr.checkpointing import Checkpointer, CheckpointError, StateMismatch
 from jaxrlvr.data import PromptDataset, read_prompts
 from jaxrlvr.evaluation import EvalSet, Evaluator, flat_eval_metrics, parse_eval_specs
 from jaxrlvr.learner import Learner
-from jaxrlvr.metrics import MetricsWriter, StepTimer, console_line
+from jaxrlvr.metrics import MetricsWriter, StepPace, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
 from jaxrlvr.models.checkpoint import ExportError
 from jaxrlvr.record import CONFIG_FILE, config_changes, config_in_force, record_config
@@ -54,6 +54,7 @@ from jaxrlvr.rollouts import (
 )
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
+from jaxrlvr.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxrlvr.train")
 
@@ -152,6 +153,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict):
         config_lib.validate(config)
+        preflight.check_local_path("config.workdir", config_lib.workdir(config))
         self.config = config = resolve_model_and_data(config)
         config_lib.validate(config)
         c = config
@@ -168,7 +170,16 @@ class Trainer:
         distributed.check_shared_directory(self.workdir)
         preflight.check_model_dir(c.model.path)
         preflight.check_disk_space(self.workdir, preflight.checkpoint_bytes(c))
+        self.lock = self._lock_workdir()  # before anything reads or writes the run's state
+        try:
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
 
+    def _set_up(self) -> None:
+        """Data, model, learner, sampler, evaluator; the newest checkpoint restored."""
+        c = config = self.config
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.path)
         train_prompts = read_prompts(c, "train_files", self.tokenizer)
         if len(train_prompts) < c.train.prompts_per_step:
@@ -224,6 +235,30 @@ class Trainer:
         self.skipped_steps = int(self.metrics.last_row.get("skipped_steps", 0))
         self.consecutive_skips = 0
         self.signals = StopSignals()
+
+    def _lock_workdir(self) -> WorkdirLock | None:
+        """Process 0 locks the workdir (`jaxrlvr.workdir_lock`), so a second run there is
+        refused; with several processes, all of them stop when it cannot."""
+        lock, refusal = None, None
+        if jax.process_index() == 0:
+            try:
+                lock = WorkdirLock.acquire(self.workdir)
+            except config_lib.ConfigError as e:
+                refusal = e
+        locked = distributed.gather(np.asarray([lock is not None]), jax.process_count())
+        if refusal is not None:
+            raise refusal
+        if not locked[0]:
+            raise config_lib.ConfigError(
+                f"config.workdir={self.workdir!r}: process 0 could not lock the workdir "
+                "(its log says why)"
+            )
+        return lock
+
+    def close(self) -> None:
+        """Release the workdir (`run` does when it ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def state(self) -> grpo.TrainState:
@@ -320,13 +355,14 @@ class Trainer:
         steps = c.train.steps
         if self.start_step >= steps:
             log.info("training already finished at step %d (%s)", self.start_step, self.workdir)
-        bar = tqdm(
+        bar = tqdm(  # on a terminal only: in a log file the console lines show progress
             total=steps,
             initial=self.start_step,
             desc="train",
             unit="step",
-            disable=not c.train.progress or jax.process_index() != 0,
+            disable=not c.train.progress or jax.process_index() != 0 or not sys.stderr.isatty(),
         )
+        pace = StepPace()
         step = self.start_step
         data_state = self.data_iter.get_state()  # the data position after `step`
         try:
@@ -344,6 +380,7 @@ class Trainer:
                         break
                     data_state = self.data_iter.get_state()
                     self._finish_row(step, metrics, data_state)
+                    seconds_per_step = pace.step_done(step)
                     bar.update(1)
                     bar.set_postfix(
                         reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
@@ -351,7 +388,8 @@ class Trainer:
                     if (
                         step % c.train.log_every == 0 or step == steps
                     ) and jax.process_index() == 0:
-                        bar.write(console_line(step, steps, metrics, CONSOLE_KEYS))
+                        line = console_line(step, steps, metrics, CONSOLE_KEYS, seconds_per_step)
+                        bar.write(line)
                     every = c.train.checkpoint_every
                     if step == steps or (every and step % every == 0):
                         self._save(step, data_state)
@@ -362,13 +400,14 @@ class Trainer:
                     self.checkpointer.wait()
                     raise self._preempted(step)
                 self.checkpointer.wait()
+            self.export()
         finally:
             bar.close()
             with contextlib.suppress(CheckpointError):  # raised above if it matters
                 self.checkpointer.wait()  # a save in flight becomes durable
             self.metrics.close()
             self.rollouts.reward_fn.close()
-        self.export()
+            self.close()
 
     def _finish_row(self, step: int, metrics: dict[str, Any], data_state: dict) -> None:
         """Evaluate where due, then write the step's row. A stop signal during the
