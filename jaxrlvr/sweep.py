@@ -12,8 +12,13 @@ overrides), its output in `ROOT/<name>/train.log`. Every point is resolved and v
 before any runs, so a misspelt key stops the sweep at once, naming the point and the
 closest valid keys. A point whose run finished (its last metrics row is the final step
 and `hf/` is exported) is skipped; an interrupted one resumes from its checkpoint.
-`--parallel=N` runs N points at a time on this machine; `--launcher=tpu` hands every
-point to `python -m jaxrlvr.launch tpu` instead (with `--launch_args`). The sweep logs
+`--parallel=N` runs N points at a time on this machine, each in a process group of its
+own: the first Ctrl-C / SIGTERM reaches only the sweep, which passes one SIGTERM to each
+running point (each saves its last completed step, then exits) and starts no more; a
+second passes a second one (the points stop at once, without saving the step in
+progress); a third leaves at once without waiting for them. A rerun of the same command
+resumes. `--launcher=tpu` hands every point to `python -m jaxrlvr.launch tpu` instead
+(with `--launch_args`). `--root` is a local (or mounted) directory, not a URL. The sweep logs
 progress (done, running, failed, ETA) and writes `ROOT/summary.csv` (a row per point)
 and `ROOT/summary.md` (mean +- std over seeds); with `--baseline=NAME` (a point's name
 without its seed, or a unique prefix of one) the summary also lists every other point's
@@ -240,39 +245,78 @@ def read_rows(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class Stopped(Exception):  # noqa: N818 - an outcome, like KeyboardInterrupt
+    """A stop signal ended the sweep after its running points stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class Scheduler:
-    """Runs the pending points `parallel` at a time, with a progress line."""
+    """Runs the pending points `parallel` at a time, with a progress line.
+
+    Each point runs in a process group of its own, so a terminal's Ctrl-C reaches only the
+    sweep, which passes stop signals on itself: the first signal the sweep gets sends one
+    SIGTERM to each running point (the trainer saves its last completed step and exits)
+    and starts no more points; a second sends each a second SIGTERM (the trainer stops at
+    once, without saving the step in progress); a third leaves without waiting for them."""
+
+    STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    CLEAN_STOP = (128 + signal.SIGTERM, -signal.SIGTERM)  # saved and exited; not yet started
 
     def __init__(self, runs: list[Run], parallel: int, progress_every_s: float = 30.0):
         self.runs, self.parallel, self.every = runs, parallel, progress_every_s
         self.procs: dict[int, subprocess.Popen] = {}
-        self.stop_signal: int | None = None
+        self.signals: list[int] = []  # the stop signals the sweep received
+        self.sent: dict[int, int] = {}  # run index -> stop signals passed to its process
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self.signals[0] if self.signals else None
 
     def run(self) -> None:
-        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self._on_signal) for s in self.STOP_SIGNALS}
         try:
             self._loop()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _stop(self, signum, frame) -> None:
-        """Pass the signal on: each run saves its last step, and a rerun resumes it."""
-        self.stop_signal = signum
-        for proc in self.procs.values():
-            proc.send_signal(signal.SIGTERM)
+    def _on_signal(self, signum, frame) -> None:
+        """Count the signal; the loop passes it on (so a point being started gets it too)."""
+        self.signals.append(signum)
+        name = signal.Signals(signum).name
+        if len(self.signals) == 1:
+            log.warning(
+                "%s: stopping; each running point saves its last completed step (a second "
+                "Ctrl-C stops them at once, without saving the step in progress)", name
+            )  # fmt: skip
+        elif len(self.signals) == 2:
+            log.warning("%s again: the running points stop at once (a third: leave now)", name)
+        else:
+            raise KeyboardInterrupt(f"{name} a third time: left the running points stopping")
+
+    def _pass_on(self) -> None:
+        """Send each running point the stop signals it has not had yet (at most two)."""
+        due = min(len(self.signals), 2)
+        for index, proc in self.procs.items():
+            while self.sent.get(index, 0) < due and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                self.sent[index] = self.sent.get(index, 0) + 1
 
     def _loop(self) -> None:
         t0, last_log = time.monotonic(), 0.0
         pending = [r for r in self.runs if r.status == "pending"]
         while pending or self.procs:
-            while pending and len(self.procs) < self.parallel and self.stop_signal is None:
+            while pending and len(self.procs) < self.parallel and not self.signals:
                 self._start(pending.pop(0))
+            self._pass_on()
             for index, proc in list(self.procs.items()):
                 if proc.poll() is not None:
                     self._finish(self.runs[index], proc)
                     del self.procs[index]
-            if self.stop_signal is not None and not self.procs:
+            if self.signals and not self.procs:
                 break
             now = time.monotonic()
             if now - last_log >= self.every or not (pending or self.procs):
@@ -286,8 +330,9 @@ class Scheduler:
         log.info("start %s: %s", run.name, shlex.join(run.command[2:]))
         run.status, run.started = "running", time.monotonic()
         self.procs[run.index] = subprocess.Popen(
-            run.command, stdout=logfile, stderr=subprocess.STDOUT
-        )
+            run.command, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+            process_group=0,  # its own group: a terminal's Ctrl-C reaches only the sweep
+        )  # fmt: skip
         logfile.close()
 
     def _finish(self, run: Run, proc: subprocess.Popen) -> None:
@@ -296,7 +341,9 @@ class Scheduler:
             run.status = "done"
             log.info("done %s in %.0f s", run.name, run.seconds)
             return
-        run.status = "failed" if self.stop_signal is None else "stopped"
+        sent = self.sent.get(run.index, 0)
+        stopped = sent >= 2 or (sent == 1 and proc.returncode in self.CLEAN_STOP)
+        run.status = "stopped" if stopped else "failed"
         tail = _tail(os.path.join(run.workdir, "train.log"))
         log.warning("%s %s (exit %d): %s", run.status, run.name, proc.returncode, tail)
 
@@ -468,6 +515,9 @@ def build_runs(
     config: str, root: str, sweep_file: str | None, grids: Sequence[str], sets: Sequence[str]
 ) -> list[Run]:
     """The resolved runs of a sweep file and/or grids, with `--set` values for every point."""
+    from jaxrlvr.preflight import check_local_path  # here: the sweep process stays jax-free
+
+    check_local_path("--root", root)
     points = product(load_sweep(sweep_file) if sweep_file else [{}], grid_points(grids))
     common = {}
     for item in sets:
@@ -515,7 +565,7 @@ def sweep(
     _, summary_md = summarize(runs, root, window, baseline)
     print(summary_md, end="")
     if scheduler.stop_signal is not None:
-        raise KeyboardInterrupt(f"stopped by signal {scheduler.stop_signal}; rerun to resume")
+        raise Stopped(scheduler.stop_signal)
     return runs
 
 
@@ -524,7 +574,10 @@ def define_flags() -> None:
     flags.DEFINE_string("sweep", None, "sweep file FILE[:ARG] with get_sweep(arg)")
     flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... (repeatable: their product)")
     flags.DEFINE_multi_string("set", [], "KEY=VALUE for every point (repeatable)")
-    flags.DEFINE_string("root", None, "directory of the points' workdirs and the summary")
+    flags.DEFINE_string(
+        "root", None, "directory of the points' workdirs and the summary (a path; for a "
+        "bucket, its gcsfuse mount)"
+    )  # fmt: skip
     flags.DEFINE_integer("parallel", 1, "points run side by side on this machine")
     flags.DEFINE_bool("dry_run", False, "print every point's command and status; run nothing")
     flags.DEFINE_enum("launcher", "local", ["local", "tpu"], "where the points run")
@@ -564,9 +617,13 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        command = shlex.join(["python", "-m", "jaxrlvr.sweep", *sys.argv[1:]])
+        print(f"{e}; rerun the same command to resume: {command}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(130)
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if any(r.status == "failed" for r in runs):
         failed = [r.name for r in runs if r.status == "failed"]
         print(f"error: {len(failed)} points failed: {', '.join(failed)} (see their train.log)")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -251,15 +253,26 @@ def test_summary_pairs_every_point_with_the_baseline_seed_by_seed(tmp_path):
 # ---------------------------------------------------------------------------- end to end
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> dict[str, str]:
+    """Environment of one persistent JAX compilation cache for this module's runs: the
+    end-to-end sweep compiles the tiny policy's programs once, the later runs load them."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+def cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
 
 
-def test_sweep_evaluate_report_end_to_end(tmp_path):
+def test_sweep_evaluate_report_end_to_end(tmp_path, compile_cache):
     policy = write_tiny_policy(tmp_path / "policy")
     root = tmp_path / "sweep"
     common = {
@@ -272,7 +285,7 @@ def test_sweep_evaluate_report_end_to_end(tmp_path):
     }  # fmt: skip
     args = ["jaxrlvr.sweep", f"--root={root}", "--grid=algo.eps_high=0.2,0.28", "--parallel=2"]
     args += [f"--set={k}={v}" for k, v in common.items()]
-    out = cli(*args)
+    out = cli(*args, env=compile_cache)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "sweep: 2/2 done, 0 running, 0 failed" in out.stderr
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -298,3 +311,75 @@ def test_sweep_evaluate_report_end_to_end(tmp_path):
     fits = json.loads((tmp_path / "report" / "fit.json").read_text())
     assert set(fits) == {"eps_high=0.2", "eps_high=0.28", "all runs"}
     assert (tmp_path / "report" / "law.png").exists()
+
+
+def test_root_url_is_refused_before_anything_is_created(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxrlvr.sweep", "--root=gs://bucket/runs", "--grid=seed=0,1",
+         "--dry_run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("error: --root='gs://bucket/runs': a gs:// URL, not a path")
+    assert "gcsfuse" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # no local ./gs:/bucket/runs
+
+
+def sweep_in_own_session(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """The sweep as a terminal runs it: the leader of its own process group."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxrlvr.sweep", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def ctrl_c_once_both_reach(proc: subprocess.Popen, workdirs: list[Path], step: int) -> str:
+    """Wait until every workdir logged `step`, then SIGINT the sweep's whole process group
+    (what one Ctrl-C in a terminal does); returns the sweep's stderr."""
+    t0 = time.monotonic()
+    while not all(any(r["step"] >= step for r in sweep.read_rows(str(w))) for w in workdirs):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 300, "timed out waiting for the points' steps"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    return err
+
+
+def test_one_ctrl_c_saves_every_running_point_and_a_rerun_resumes(tmp_path, compile_cache):
+    """Each point gets exactly one stop signal: it saves its last completed step and exits
+    with the trainer's clean stop code; the sweep says how to resume, and a rerun does.
+    (The end-to-end test's shapes: its compiled programs are in `compile_cache`.)"""
+    policy = write_tiny_policy(tmp_path / "policy")
+    root = tmp_path / "sweep"
+    common = {
+        "model.path": policy, "data.train_files": policy / "train.jsonl", "rollout.n": 4,
+        "rollout.max_new_tokens": 16, "rollout.max_slots": 16, "train.steps": 1000,
+        "train.prompts_per_step": 4, "train.mini_batch_prompts": 2,
+        "train.micro_batch_sequences": 4, "train.eval_every": 0, "optim.warmup_steps": 0,
+        "algo.entropy_coef": 0.05,
+    }  # fmt: skip
+    args = [f"--root={root}", "--grid=algo.eps_high=0.2,0.28", "--parallel=2"]
+    args += [f"--set={k}={v}" for k, v in common.items()]
+    workdirs = [root / "eps_high=0.2", root / "eps_high=0.28"]
+    proc = sweep_in_own_session(args, compile_cache)
+    err = ctrl_c_once_both_reach(proc, workdirs, step=1)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "stopped by SIGINT; rerun the same command to resume: python -m jaxrlvr.sweep" in err
+    saved = {}
+    for w in workdirs:
+        log = (w / "train.log").read_text()
+        assert "stopped by SIGTERM after step" in log and "second stop signal" not in log, log
+        assert f"stopped {w.name} (exit {128 + signal.SIGTERM})" in err, err[-3000:]
+        saved[w] = max(r["step"] for r in sweep.read_rows(str(w)))
+        assert f"the checkpoint of step {saved[w]} is saved" in log
+        assert (w / "checkpoints" / str(saved[w])).is_dir()
+    proc = sweep_in_own_session(args, compile_cache)  # the same command again: they resume
+    err = ctrl_c_once_both_reach(proc, workdirs, step=max(saved.values()) + 1)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    for w in workdirs:
+        assert (
+            f"resumed from {w / 'checkpoints'} at step {saved[w]}" in (w / "train.log").read_text()
+        )
