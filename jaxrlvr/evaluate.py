@@ -218,13 +218,10 @@ def evaluate(
             raise config_lib.ConfigError(
                 f"--eval={s.name}: {e.args[0].split(': ', 1)[1]}"
             ) from None
-        if not len(prompts):
-            raise config_lib.ConfigError(
-                f"--eval={s.name}: no prompt of {s.path} is kept ({prompts.num_dropped} longer "
-                f"than max_prompt_len={config.data.max_prompt_len} tokens); raise "
-                "--max_prompt_len"
-            )
-        sets.append(EvalSet(s, prompts))
+        try:
+            sets.append(EvalSet.checked(s, prompts, config.data.max_prompt_len))
+        except ValueError as e:
+            raise config_lib.ConfigError(f"--eval={s.name}: {e}; raise --max_prompt_len") from None
     mesh = make_mesh(tuple(config.mesh.shape))
     model = load_policy(config, mesh, workdir, step)
     stop_ids = stop_token_ids(tokenizer)
@@ -300,6 +297,7 @@ def main(argv: list[str]) -> None:
             raise config_lib.ConfigError("--step needs --workdir")
         if f.n < 1:
             raise config_lib.ConfigError(f"--n={f.n}: must be >= 1")
+        preflight.check_local_path("--out", f.out)
         checkpoint = f.checkpoint
         if checkpoint:
             check_not_workdir(checkpoint)

@@ -191,6 +191,17 @@ class EvalSet:
     spec: EvalSpec
     prompts: Any
 
+    @classmethod
+    def checked(cls, spec: EvalSpec, prompts: Any, max_prompt_len: int) -> EvalSet:
+        """The set, unless it keeps no prompt: an empty set would score nothing and still
+        read like a result (`ValueError` naming the file)."""
+        if not len(prompts):
+            raise ValueError(
+                f"no prompt of {spec.path} is kept ({prompts.num_dropped} longer than "
+                f"max_prompt_len={max_prompt_len} tokens)"
+            )
+        return cls(spec, prompts)
+
 
 class Evaluator:
     """Samples `n` responses per prompt of every eval set and scores them.

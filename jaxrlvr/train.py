@@ -197,9 +197,15 @@ class Trainer:
         eval_sets = []
         if c.data.eval_files and c.train.eval_every:
             specs = parse_eval_specs(c.data.eval_files, c.data.answer_field, c.data.prompt_template)
-            eval_sets = [
-                EvalSet(s, read_prompts(c, "eval_files", self.tokenizer, s)) for s in specs
-            ]
+            for s in specs:
+                prompts = read_prompts(c, "eval_files", self.tokenizer, s)
+                try:
+                    eval_sets.append(EvalSet.checked(s, prompts, c.data.max_prompt_len))
+                except ValueError as e:
+                    raise config_lib.ConfigError(
+                        f"config.data.eval_files ({s.name}): {e}; raise "
+                        "config.data.max_prompt_len or drop the set"
+                    ) from None
         reward_fn = make_reward(c)
 
         model = load_hf_checkpoint(c.model.path, mesh=self.mesh, **config_lib.model_numerics(c))

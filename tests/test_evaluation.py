@@ -1,6 +1,7 @@
 """Evaluation metrics against brute-force and hand-computed references; eval set specs."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,8 @@ def test_evaluate_bare_checkpoint_takes_its_lengths_and_refuses_an_empty_set(tmp
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: --checkpoint={workdir} is a training workdir (a run's")
     assert f"use --workdir={workdir}" in line and f"--checkpoint={workdir / 'hf'}" in line
+    out = evaluate_cli(f"--checkpoint={policy}", f"--eval={long}", "--out=gs://b/eval")
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: --out='gs://b/eval': a gs:// URL, not a path")
+    assert not (Path(__file__).parents[1] / "gs:").exists()

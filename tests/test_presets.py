@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from config_files import CONFIG_FILES, get_config
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxrlvr.config import PRESET_NAMES, ConfigError
 from jaxrlvr.data.arithmetic import save_demo_tokenizer
@@ -39,26 +38,6 @@ def shrunk(name: str, vocab_size: int):
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=kv, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """Programs that the configs share (policy pass, controllers, diagnostics, sampler)
-    compile once for the module: a persistent compilation cache in a temporary directory."""
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    before = {k: getattr(jax.config, k) for k in keys}
-    values = (str(tmp_path_factory.mktemp("xla-cache")), 0.0, 0)
-    for key, value in zip(keys, values, strict=True):
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()  # takes the directory on the next compilation
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +126,9 @@ def test_no_recompilation_and_batches_stay_sharded(checkpoints, tmp_path):
     finally:
         logging.getLogger("jax").removeHandler(handler)
     # At most once each: a program may come compiled already (earlier tests of this
-    # module share the sampler's programs and the persistent compilation cache).
+    # module share the sampler's programs). No persistent compilation cache: with one,
+    # this test hung once in CI at an 8-device collective (cause not established); the
+    # module costs 15 s more without it.
     programs = ("update", "policy_pass", "step_inputs", "finish_step", "entropy_check")
     assert all(compiled[name] <= 1 for name in (*programs, "generate", "prefill")), compiled
     assert int(trainer.state.step) == 3  # 6 updates, 3 policy passes, 3 entropy checks

@@ -92,6 +92,28 @@ def test_bad_config_fails_before_any_compilation(tiny_policy, tmp_path, monkeypa
     assert not compiled and not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_an_eval_set_keeping_no_prompt_is_refused(tiny_policy, tmp_path, monkeypatch):
+    """It used to log `{}` for the set at every evaluation; now: one error at start-up,
+    before anything compiles, and the workdir's lock released."""
+    import json
+
+    from jaxrlvr import train
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"question": "1+" * 40 + "1=", "answer": 41}) + "\n")
+    compiled = []
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(a))
+    config = tiny_config(tiny_policy, tmp_path / "run", **{"data.eval_files": f"long={long}"})
+    message = (
+        f"config.data.eval_files (long): no prompt of {long} is kept (1 longer than "
+        "max_prompt_len=16 tokens); raise config.data.max_prompt_len or drop the set"
+    )
+    with pytest.raises(ConfigError) as e:
+        train.Trainer(config)
+    assert str(e.value) == message
+    assert not compiled and not (tmp_path / "run" / "run.lock").exists()
+
+
 # ----------------------------------------------------------------------------- update
 
 
