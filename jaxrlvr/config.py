@@ -15,6 +15,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from jaxrlvr.errors import ConfigError
+
 INTERVENTIONS = (
     "none", "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "pos_adv", "steer",
 )  # fmt: skip
@@ -45,10 +47,6 @@ DEMO_PRESETS = ("demo", "demo-hard", "demo-fork")
 def is_demo(preset: str) -> bool:
     """Whether `preset` runs the embedded demo (its policy and data are built, not read)."""
     return preset in DEMO_PRESETS
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message names the key and the allowed range."""
 
 
 def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
@@ -260,10 +258,6 @@ def workdir(config: ml_collections.ConfigDict) -> str:
     return config.workdir or f"runs/{config.name}-{config.preset}"
 
 
-def split_files(spec: str | None) -> list[str]:
-    return [s.strip() for s in (spec or "").split(",") if s.strip()]
-
-
 def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     """Check every field; raise one `ConfigError` listing each problem with its key.
 
@@ -366,6 +360,8 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     if files and not is_demo(config.preset):
         need(bool(config.model.path), "model.path", "required: a local Hugging Face checkpoint dir")
     if files and (not is_demo(config.preset) or config.model.path):
+        from jaxrlvr.data.files import split_files
+
         need(
             bool(split_files(config.data.train_files)),
             "data.train_files",
@@ -441,6 +437,28 @@ def model_numerics(config: ml_collections.ConfigDict) -> dict[str, object]:
         remat=m.remat,
         attention=m.attention,
         attention_block=int(m.attention_block),
+    )
+
+
+def model_architecture(config: ml_collections.ConfigDict):
+    """The policy's `Qwen2Config` (shapes only, nothing loaded): `model.path`'s
+    config.json, else the preset's architecture, with `model_numerics`. A bad directory
+    or a preset without one raises `ConfigError`."""
+    from jaxrlvr.models.checkpoint import read_config
+    from jaxrlvr.models.qwen2 import PRESETS
+
+    numerics = model_numerics(config)
+    if config.model.path:
+        return read_config(config.model.path, **numerics)
+    if config.preset in PRESETS:
+        return PRESETS[config.preset].replace(**numerics)
+    if is_demo(config.preset):
+        from jaxrlvr.demo_policy import preset_settings
+
+        return preset_settings(config.preset).model_config().replace(**numerics)
+    raise ConfigError(
+        f"config.preset={config.preset!r} has no model config; set config.model.path or use "
+        f"one of {', '.join(sorted(PRESETS))}"
     )
 
 
@@ -532,7 +550,6 @@ __all__ = [
     "is_demo",
     "load_config_file",
     "load_python_file",
-    "split_files",
     "mini_batches_per_step",
     "updates_per_step",
     "validate",

@@ -510,6 +510,4 @@ def logp_remat(config: ml_collections.ConfigDict, batch_shards: int = 1) -> bool
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
     """The policy's vocabulary, from `model.path`'s config.json or the preset."""
-    from jaxrlvr import plan
-
-    return plan.model_config(config).vocab_size
+    return config_lib.model_architecture(config).vocab_size

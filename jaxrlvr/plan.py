@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from jaxrlvr import config as config_lib
 from jaxrlvr import grpo, programs
-from jaxrlvr.models.qwen2 import PRESETS, Qwen2, Qwen2Config, as_dtype
+from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype
 from jaxrlvr.sampling import engine as engine_lib
 from jaxrlvr.sharding import MESH_AXES, batch_shards
 
@@ -145,24 +145,6 @@ def parse_mesh(spec: str | None, default, devices: int) -> tuple[int, int, int]:
     return tuple(shape)
 
 
-def model_config(config: ml_collections.ConfigDict) -> Qwen2Config:
-    """The architecture to plan: `model.path`'s config.json, else the preset's."""
-    c = config.model
-    numerics = config_lib.model_numerics(config)
-    if c.path:
-        return Qwen2Config.from_pretrained(c.path, **numerics)
-    if config.preset in PRESETS:
-        return PRESETS[config.preset].replace(**numerics)
-    if config_lib.is_demo(config.preset):
-        from jaxrlvr.demo_policy import preset_settings
-
-        return preset_settings(config.preset).model_config().replace(**numerics)
-    raise PlanError(
-        f"config.preset={config.preset!r} has no model config; set config.model.path or use "
-        f"one of {', '.join(sorted(PRESETS))}"
-    )
-
-
 # --------------------------------------------------------------------------- compiling
 
 
@@ -230,7 +212,7 @@ class Planner:
 
     def __post_init__(self):
         c = self.config
-        self.cfg = model_config(c)
+        self.cfg = config_lib.model_architecture(c)
         model = nnx.eval_shape(lambda: Qwen2(self.cfg, rngs=nnx.Rngs(0)))
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         self.engine_graphdef, _ = nnx.split(model)
@@ -353,7 +335,7 @@ class Planner:
         shape = config_lib.engine_shape(c)
         slots, prefill_len = shape["max_concurrent_decodes"], shape["max_prefill_length"]
         target = shape["max_target_length"]
-        fns = engine_lib._compiled(self.engine_graphdef)
+        fns = engine_lib.programs(self.engine_graphdef)
         repl = NamedSharding(self.mesh, PartitionSpec())
         params = self._engine_params()
         abstract_state, state_sh = engine_lib.decode_state_layout(
@@ -391,7 +373,7 @@ class Planner:
         train_state = _nbytes(self.state)
         ref = _nbytes(self.state.params) if c.algo.kl_coef > 0 else 0
         sync = jax.jit(
-            lambda p: engine_lib._cast(p, as_dtype(self.cfg.dtype)),
+            lambda p: engine_lib.cast_params(p, as_dtype(self.cfg.dtype)),
             out_shardings=engine_lib.sampler_param_shardings(self.params, self.mesh),
         )
         decode_flops = model_flops(self.cfg, slots * engine_lib.DECODE_STEPS, target, 1)
@@ -517,7 +499,7 @@ def plan(
 ) -> dict[str, Any]:
     """Check the inputs, compile every program, and return the plan as a dict."""
     config_lib.validate(config, files=False)
-    model_config(config)  # a clear error before anything compiles
+    config_lib.model_architecture(config)  # a clear error before anything compiles
     if topology:
         s = parse_slice(topology)
         devices = slice_devices(s)

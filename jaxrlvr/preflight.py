@@ -111,12 +111,11 @@ def checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
     """Bytes of one checkpoint of the train state: parameters and optimizer moments,
     from the model directory's config (shapes only; nothing is allocated or compiled)."""
     from jaxrlvr import grpo
-    from jaxrlvr.models import Qwen2, Qwen2Config
+    from jaxrlvr.config import model_architecture
+    from jaxrlvr.models import Qwen2
 
     c = config
-    cfg = Qwen2Config.from_pretrained(
-        c.model.path, dtype=c.model.dtype, param_dtype=c.model.param_dtype
-    )
+    cfg = model_architecture(c)
     model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0)))
     _, params = nnx.split(model, nnx.Param)
     tx, _ = grpo.make_optimizer(c.optim, c.train.steps, updates_per_step(c))

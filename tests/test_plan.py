@@ -59,11 +59,13 @@ def test_mesh_must_cover_the_slice():
 
 
 def test_preset_without_model_config():
+    from jaxrlvr.config import ConfigError, model_architecture
+
     config = get_config("grpo.py", "qwen2.5-0.5b")
-    assert plan_lib.model_config(config).num_hidden_layers == 24
+    assert model_architecture(config).num_hidden_layers == 24
     config.preset = "qwen3-moe"
-    with pytest.raises(plan_lib.PlanError, match="config.preset='qwen3-moe' has no model config"):
-        plan_lib.model_config(config)
+    with pytest.raises(ConfigError, match="config.preset='qwen3-moe' has no model config"):
+        model_architecture(config)
 
 
 def test_bad_input_is_one_line_before_any_compilation():

@@ -22,9 +22,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from jaxrlvr.config import ConfigError, split_files
 from jaxrlvr.data.sources import URL_PREFIX, DataError
 from jaxrlvr.data.templates import TEMPLATES
+from jaxrlvr.errors import ConfigError
 
 SPEC_KEYS: tuple[str, ...] = ("name", "path", "prompt_field", "answer_field", "template")
 
@@ -38,6 +38,11 @@ class DataSpec:
     prompt_field: str = ""
     answer_field: str = ""
     template: str = ""
+
+
+def split_files(spec: str | None) -> list[str]:
+    """The entries of a comma-separated file list."""
+    return [s.strip() for s in (spec or "").split(",") if s.strip()]
 
 
 def _split_simple_eval(token: str) -> dict[str, str]:

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlvr.config import ConfigError
+from jaxrlvr.errors import ConfigError
 from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype
 from jaxrlvr.sharding import LOGICAL_AXIS_RULES, LogicalRules, logical_axes_of, named_sharding
 

@@ -353,7 +353,9 @@ def _init_jit(cfg, b: int, s: int, ns: int, cache_dtype, shardings: DecodeState)
     )
 
 
-class _Compiled(NamedTuple):
+class Programs(NamedTuple):
+    """The engine's jitted programs (see `programs`)."""
+
     prefill: Any
     prefill_batch: Any
     first_tokens: Any
@@ -376,9 +378,10 @@ def _sampler_rules(fn):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef) -> _Compiled:
-    """Jitted hot functions for one model architecture, shared by all its engines."""
-    return _Compiled(
+def programs(graphdef) -> Programs:
+    """The engine's jitted programs for one model architecture, shared by all its engines
+    (and compiled ahead of time by `jaxrlvr.plan`)."""
+    return Programs(
         prefill=jax.jit(_sampler_rules(functools.partial(_prefill, graphdef))),
         prefill_batch=jax.jit(_sampler_rules(functools.partial(_prefill_batch, graphdef))),
         first_tokens=jax.jit(_first_tokens),
@@ -392,7 +395,7 @@ def _compiled(graphdef) -> _Compiled:
     )
 
 
-def _cast(params: Params, dtype) -> Params:
+def cast_params(params: Params, dtype) -> Params:
     """Floating parameters cast to `dtype`."""
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
@@ -458,7 +461,7 @@ class Engine:
         )
         self.config = model.config
         self._graphdef, params = nnx.split(model)
-        self._fns = _compiled(self._graphdef)
+        self._fns = programs(self._graphdef)
         self._mesh = mesh = make_mesh() if mesh is None else mesh
         self._slots = int(max_concurrent_decodes)
         self._max_prefill = int(max_prefill_length)
@@ -475,7 +478,8 @@ class Engine:
         self._param_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         # Cast and lay out the trainer's parameters in one program (the engine's copy).
         self._cast = jax.jit(
-            functools.partial(_cast, dtype=self.param_dtype), out_shardings=self._param_shardings
+            functools.partial(cast_params, dtype=self.param_dtype),
+            out_shardings=self._param_shardings,
         )
         _, self._state_shardings = decode_state_layout(
             self.config,
