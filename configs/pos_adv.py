@@ -9,7 +9,8 @@ The argument picks the schedule (and optionally the model preset), e.g.
 - `adv_neg_only`: the "Adv<=0 only" ablation (lambda = 0).
 """
 
-from jaxrlvr.config import POS_ADV_SCHEDULES, ConfigError, base_config, is_demo, parse_arg
+from jaxrlvr.config import ConfigError, base_config, is_demo, parse_arg
+from jaxrlvr.methods.pos_adv import SCHEDULES as POS_ADV_SCHEDULES
 
 ABLATIONS = ("adv_pos_only", "adv_neg_only")
 

@@ -15,12 +15,10 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from jaxrlvr import methods
 from jaxrlvr.errors import ConfigError
+from jaxrlvr.losses import AGG_MODES as LOSS_AGG_MODES
 
-INTERVENTIONS = (
-    "none", "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "pos_adv", "steer",
-)  # fmt: skip
-POS_ADV_SCHEDULES = ("constant", "stage", "epoch", "entropy_guided", "rand_pos_clip")
 PRESET_NAMES = (
     "demo",
     "demo-hard",
@@ -28,12 +26,6 @@ PRESET_NAMES = (
     "qwen2.5-math-7b",
     "qwen2.5-math-1.5b",
     "qwen2.5-0.5b",
-)
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
 )
 # The smallest rollout.temperature. The loss gradient scales as 1/T and is squared (Adam's
 # second moment, the global norm of the clip), which overflows float32 and bfloat16 (both
@@ -86,6 +78,8 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.reward.timeout_s = 5.0  # per-answer time limit of the math checker
     c.reward.num_workers = 0  # checker processes; 0 = half the CPUs (1..8)
     c.reward.batch_timeout_s = 300.0  # limit of one scored batch; 0 = off
+    c.reward.overlong_buffer = 0  # DAPO overlong shaping: last tokens before the cap; 0 = off
+    c.reward.overlong_penalty = 1.0  # DAPO overlong shaping: penalty at the cap
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.n = 8  # samples per prompt (GRPO group size)
@@ -110,22 +104,13 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.algo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
     c.algo.dynamic_sampling_max_batches = 4  # prompt batches tried per step before giving up
     c.algo.old_logp_source = "trainer"  # trainer | sampler
-    # Entropy interventions (docs/algorithms.md#entropy-interventions); reference defaults.
-    c.algo.intervention = "none"  # none | entropy_bonus | adaptive_entropy | clip_cov |
-    #                               kl_cov | pos_adv | steer
-    c.algo.adaptive_entropy = ml_collections.ConfigDict(
-        dict(target=0.2, delta=1e-4, alpha_min=0.0, alpha_max=0.005, alpha0=0.0)
-    )
-    c.algo.clip_cov = ml_collections.ConfigDict(dict(ratio=2e-4, lb=1.0, ub=5.0))
-    c.algo.kl_cov = ml_collections.ConfigDict(dict(ratio=2e-3, kl_coef=1.0))
-    c.algo.pos_adv = ml_collections.ConfigDict(
-        dict(
-            schedule="constant", lam=1.0, neg_weight=1.0, delta=0.2, step=0.05, lam0=0.0, ratio=2e-4
-        )
-    )
-    c.algo.steer = ml_collections.ConfigDict(
-        dict(lambda_min=0.8, lambda_max=1.0, linear=False, norm_sequences=8)
-    )
+    # Entropy methods (jaxrlvr/methods/, docs/algorithms.md#entropy-interventions): the
+    # one named here acts; each method's settings, at the reference defaults, sit under
+    # algo.<name>.
+    c.algo.intervention = "none"  # one of jaxrlvr.methods.names()
+    for name in methods.names():
+        if defaults := methods.get(name).defaults():
+            c.algo[name] = ml_collections.ConfigDict(defaults)
 
     c.diagnostics = ml_collections.ConfigDict()
     c.diagnostics.entropy_check_every = 0  # steps between Lemma-1 checks (an extra pass); 0 = off
@@ -349,6 +334,12 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     need(config.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     need(config.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = auto)")
     need(config.reward.batch_timeout_s >= 0, "reward.batch_timeout_s", "must be >= 0 (0 = off)")
+    need(
+        0 <= config.reward.overlong_buffer < config.rollout.max_new_tokens,
+        "reward.overlong_buffer",
+        f"must be in [0, rollout.max_new_tokens={config.rollout.max_new_tokens}) (0 = off)",
+    )
+    need(config.reward.overlong_penalty >= 0, "reward.overlong_penalty", "must be >= 0")
 
     shape = tuple(config.mesh.shape)
     need(
@@ -381,46 +372,9 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
 
 
 def _validate_intervention(config, need, one_of) -> None:
-    a = config.algo
-    one_of("algo.intervention", INTERVENTIONS)
-    if a.intervention == "entropy_bonus":
-        need(a.entropy_coef > 0, "algo.entropy_coef", "must be > 0 with intervention=entropy_bonus")
-    elif a.intervention == "adaptive_entropy":
-        e = a.adaptive_entropy
-        need(e.target > 0, "algo.adaptive_entropy.target", "must be > 0")
-        need(e.delta >= 0, "algo.adaptive_entropy.delta", "must be >= 0")
-        need(e.alpha_min >= 0, "algo.adaptive_entropy.alpha_min", "must be >= 0")
-        need(e.alpha_min <= e.alpha_max, "algo.adaptive_entropy.alpha_max", "must be >= alpha_min")
-        need(
-            e.alpha_min <= e.alpha0 <= e.alpha_max,
-            "algo.adaptive_entropy.alpha0",
-            "must be in [alpha_min, alpha_max]",
-        )
-    elif a.intervention == "clip_cov":
-        need(0 < a.clip_cov.ratio <= 1, "algo.clip_cov.ratio", "must be in (0, 1]")
-        need(a.clip_cov.lb < a.clip_cov.ub, "algo.clip_cov.ub", "must be > algo.clip_cov.lb")
-    elif a.intervention == "kl_cov":
-        need(0 < a.kl_cov.ratio <= 1, "algo.kl_cov.ratio", "must be in (0, 1]")
-        need(a.kl_cov.kl_coef >= 0, "algo.kl_cov.kl_coef", "must be >= 0")
-    elif a.intervention == "pos_adv":
-        p = a.pos_adv
-        one_of("algo.pos_adv.schedule", POS_ADV_SCHEDULES)
-        need(0 <= p.lam <= 1, "algo.pos_adv.lam", "must be in [0, 1]")
-        need(0 <= p.lam0 <= 1, "algo.pos_adv.lam0", "must be in [0, 1]")
-        need(p.neg_weight >= 0, "algo.pos_adv.neg_weight", "must be >= 0")
-        need(p.delta >= 0, "algo.pos_adv.delta", "must be >= 0 (a target entropy)")
-        need(p.step > 0, "algo.pos_adv.step", "must be > 0")
-        need(0 < p.ratio <= 1, "algo.pos_adv.ratio", "must be in (0, 1]")
-    elif a.intervention == "steer":
-        st = a.steer
-        need(0 < st.lambda_min <= 1, "algo.steer.lambda_min", "must be in (0, 1]")
-        need(st.lambda_max >= st.lambda_min, "algo.steer.lambda_max", "must be >= lambda_min")
-        need(
-            st.norm_sequences >= 1 and config.train.micro_batch_sequences % st.norm_sequences == 0,
-            "algo.steer.norm_sequences",
-            "must be >= 1 and divide train.micro_batch_sequences "
-            f"({config.train.micro_batch_sequences}) so groups never straddle micro-batches",
-        )
+    one_of("algo.intervention", methods.names())
+    if config.algo.intervention in methods.names():
+        methods.from_config(config).validate(config, need, one_of)
     need(
         config.diagnostics.entropy_check_every >= 0,
         "diagnostics.entropy_check_every",
@@ -492,16 +446,8 @@ def validate_mesh(config: ml_collections.ConfigDict, mesh) -> None:
 def inert_settings(config: ml_collections.ConfigDict, num_epochs: int | None = None) -> list[str]:
     """Settings that cannot act in this run (each a warning): the run they give equals a
     simpler one. `num_epochs` (data epochs the run spans) enables the epoch check."""
-    a, t, out = config.algo, config.train, []
-    if a.intervention == "pos_adv" and a.pos_adv.schedule == "epoch" and num_epochs == 1:
-        out.append(
-            f"config.algo.pos_adv.schedule='epoch': the run's {t.steps} steps stay within one "
-            "data epoch, so lambda = (e - 1) / (E - 1) is 0 throughout and positive-advantage "
-            "tokens never count: the same run as adv_neg_only. Raise train.steps, use fewer "
-            "training prompts, or choose another schedule."
-        )
-    if a.intervention == "pos_adv" and a.pos_adv.schedule == "stage" and t.steps < 2:
-        out.append("config.algo.pos_adv.schedule='stage' needs train.steps >= 2 to raise lambda")
+    t = config.train
+    out = methods.from_config(config).inert(config, num_epochs)
     if config.optim.warmup_steps >= t.steps:
         out.append(
             f"config.optim.warmup_steps={config.optim.warmup_steps} >= train.steps={t.steps}: "

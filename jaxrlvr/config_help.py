@@ -14,6 +14,7 @@ import re
 
 import ml_collections
 
+from jaxrlvr import methods
 from jaxrlvr.config import base_config, load_config_file
 from jaxrlvr.record import flatten
 
@@ -42,6 +43,9 @@ HELP: dict[str, str] = {
     "reward.batch_timeout_s": "math: wall-clock limit per scored batch; answers left score 0 "
     "and count as time-outs; 0 = off",
     "reward.num_workers": "math: checker processes; 0 = half the CPUs (1..8)",
+    "reward.overlong_buffer": "DAPO overlong shaping: tokens before rollout.max_new_tokens "
+    "where the length penalty ramps up; 0 = off",
+    "reward.overlong_penalty": "DAPO overlong shaping: the penalty at rollout.max_new_tokens",
     "rollout.n": "responses per prompt (the GRPO group size)",
     "rollout.temperature": "sampling temperature; every log-prob uses logits / T; >= 1e-8 "
     "(the 1/T-scaled gradient overflows float32 when squared below it)",
@@ -63,29 +67,7 @@ HELP: dict[str, str] = {
     "algo.dynamic_sampling": "DAPO: keep only groups whose rewards differ",
     "algo.dynamic_sampling_max_batches": "prompt batches tried per step before topping up",
     "algo.old_logp_source": "source of the old log-probs: trainer | sampler",
-    "algo.intervention": "none | entropy_bonus | adaptive_entropy | clip_cov | kl_cov | pos_adv "
-    "| steer",
-    "algo.adaptive_entropy.target": "target entropy of the adaptive controller (nats)",
-    "algo.adaptive_entropy.delta": "controller step of alpha per training step",
-    "algo.adaptive_entropy.alpha_min": "lower clip of alpha",
-    "algo.adaptive_entropy.alpha_max": "upper clip of alpha",
-    "algo.adaptive_entropy.alpha0": "initial alpha",
-    "algo.clip_cov.ratio": "fraction of tokens detached among the covariance candidates",
-    "algo.clip_cov.lb": "candidates have covariance > lb",
-    "algo.clip_cov.ub": "candidates have covariance < ub",
-    "algo.kl_cov.ratio": "fraction of tokens with the highest covariance penalised",
-    "algo.kl_cov.kl_coef": "weight of |logp - old_logp| on the selected tokens",
-    "algo.pos_adv.schedule": "constant | stage | epoch | entropy_guided | rand_pos_clip",
-    "algo.pos_adv.lam": "lambda of the constant schedule (weight of A > 0 tokens)",
-    "algo.pos_adv.neg_weight": "weight of A < 0 tokens",
-    "algo.pos_adv.delta": "entropy_guided: target entropy (>= 0)",
-    "algo.pos_adv.step": "entropy_guided: lambda increment per step",
-    "algo.pos_adv.lam0": "entropy_guided: initial lambda",
-    "algo.pos_adv.ratio": "rand_pos_clip: fraction of A > 0 tokens zeroed",
-    "algo.steer.lambda_min": "smallest STEER token weight",
-    "algo.steer.lambda_max": "largest weight of the linear variant",
-    "algo.steer.linear": "linear (True) or exponential (False) weights",
-    "algo.steer.norm_sequences": "sequences per normalisation group (divides the micro-batch)",
+    "algo.intervention": "entropy method (jaxrlvr/methods/): " + " | ".join(methods.names()),
     "diagnostics.entropy_check_every": "steps between first-order entropy-change checks; 0 = off",
     "optim.lr": "peak learning rate",
     "optim.b1": "AdamW beta1",
@@ -110,6 +92,12 @@ HELP: dict[str, str] = {
     "train.log_every": "steps between console summary lines",
     "train.progress": "progress bars (only when stderr is a terminal)",
     "mesh.shape": "device mesh sizes over (data, fsdp, tensor); -1 = the remaining devices",
+}
+# Each method's settings, from their one declaration in jaxrlvr/methods/.
+HELP |= {
+    f"algo.{name}.{key}": text
+    for name in methods.names()
+    for key, text in methods.get(name).help().items()
 }
 
 

@@ -29,7 +29,7 @@ import optax
 from flax import nnx, struct
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import losses
+from jaxrlvr import losses, methods
 from jaxrlvr.metrics import LOW_PROB
 from jaxrlvr.packing import device_order, merge_rows, split_rows, take_per_shard
 
@@ -71,23 +71,18 @@ class LossSettings:
     logp_chunk: int
     micro_batch: int
     logp_remat: bool = True  # recompute the LM head's chunks in the backward pass
-    intervention: str = "none"
     kl_clamp: float = 0.0  # k3 clipped to [-kl_clamp, kl_clamp]; 0 = off
-    method: tuple[tuple[str, Any], ...] = ()  # the intervention's sub-config, as items
+    method: methods.Method = methods.Method()  # the entropy method with its settings
     total_steps: int = 1
     num_epochs: int = 1
     mini_batches: int = 1  # per step; each is one optimizer update per PPO epoch
     batch_shards: int = 1  # devices the batch is split over (data x fsdp)
-
-    def arg(self, name: str) -> Any:
-        return dict(self.method)[name]
 
     @classmethod
     def from_config(
         cls, config: ml_collections.ConfigDict, num_epochs: int = 1, batch_shards: int = 1
     ) -> LossSettings:
         a = config.algo
-        method = a.get(a.intervention) if a.intervention in a else None
         return cls(
             temperature=float(config.rollout.temperature),
             eps_low=float(a.eps_low),
@@ -101,28 +96,12 @@ class LossSettings:
             logp_chunk=int(config.model.logp_chunk),
             logp_remat=logp_remat(config, batch_shards),
             micro_batch=int(config.train.micro_batch_sequences),
-            intervention=a.intervention,
-            method=tuple(sorted(method.to_dict().items())) if method is not None else (),
+            method=methods.from_config(config),
             total_steps=int(config.train.steps),
             num_epochs=int(num_epochs),
             mini_batches=config_lib.mini_batches_per_step(config),
             batch_shards=int(batch_shards),
         )
-
-
-class Controllers(NamedTuple):
-    """Per-step controllers of the interventions, carried (and checkpointed) in the state."""
-
-    lam: losses.LambdaState  # positive-advantage weight (pos_adv)
-    alpha: losses.AdaptiveEntropyState  # adaptive entropy coefficient
-
-
-class StepInputs(NamedTuple):
-    """Scalars fixed for all updates of one step, computed on device from the rollouts."""
-
-    lam: Array  # [] pos_adv lambda of this step
-    alpha: Array  # [] adaptive entropy bonus coefficient in force this step (0 when off)
-    h_hat: Array  # [] -mean(old_logp): the adaptive controller's entropy estimate
 
 
 class TrainState(struct.PyTreeNode):
@@ -133,15 +112,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     rng: Array  # PRNG key threaded through the steps (random token selections)
     entropy: Array  # [] float32: the last step's entropy (NaN before the first step)
-    controllers: Controllers
-
-
-def init_controllers(config: ml_collections.ConfigDict) -> Controllers:
-    a = config.algo
-    return Controllers(
-        lam=losses.lambda_init(a.pos_adv.lam0 if a.pos_adv.schedule == "entropy_guided" else 0.0),
-        alpha=losses.adaptive_entropy_init(a.adaptive_entropy.alpha0),
-    )
+    controller: Any  # the entropy method's controller state (`Method.init_controller`)
 
 
 def init_state(params, tx, config: ml_collections.ConfigDict, step: int = 0) -> TrainState:
@@ -152,52 +123,28 @@ def init_state(params, tx, config: ml_collections.ConfigDict, step: int = 0) -> 
         opt_state=tx.init(params),
         rng=jax.random.key(config.seed),
         entropy=jnp.full((), jnp.nan, jnp.float32),
-        controllers=init_controllers(config),
+        controller=methods.from_config(config).init_controller(),
     )
 
 
 def step_inputs(state: TrainState, old_logp: Array, mask: Array, epoch: Array, s: LossSettings):
-    """The step's pos_adv lambda and adaptive entropy coefficient (before any update)."""
+    """Scalars fixed for all updates of the step (before any update): `h_hat`, the entropy
+    estimate -mean(old_logp), and the method's own (`Method.step_inputs`)."""
     h_hat = losses.entropy_estimate(old_logp, mask)
-    lam = jnp.float32(1.0)
-    if s.intervention == "pos_adv":
-        lam = losses.pos_adv_lambda(
-            s.arg("schedule"),
-            state.controllers.lam,
-            lam=s.arg("lam"),
-            step=state.step,
-            total_steps=s.total_steps,
-            epoch=epoch + 1,
-            num_epochs=s.num_epochs,
-        )
-    alpha = jnp.float32(0.0)
-    if s.intervention == "adaptive_entropy":
-        alpha = losses.adaptive_entropy_coef(state.controllers.alpha, h_hat, target=s.arg("target"))
-    return StepInputs(lam=jnp.float32(lam), alpha=jnp.float32(alpha), h_hat=h_hat)
+    ctx = methods.StepContext(state.step, epoch, h_hat, s.total_steps, s.num_epochs)
+    return {"h_hat": h_hat} | s.method.step_inputs(state.controller, ctx)
 
 
-def finish_step(state: TrainState, entropy: Array, inputs: StepInputs, s: LossSettings):
-    """Advance the step counter and update the controllers from this step's entropy."""
-    lam, alpha = state.controllers
-    if s.intervention == "pos_adv":
-        lam = losses.lambda_update(
-            s.arg("schedule"), lam, entropy, delta=s.arg("delta"), step=s.arg("step")
-        )
-    if s.intervention == "adaptive_entropy":
-        alpha = losses.adaptive_entropy_update(
-            alpha,
-            inputs.h_hat,
-            target=s.arg("target"),
-            delta=s.arg("delta"),
-            alpha_min=s.arg("alpha_min"),
-            alpha_max=s.arg("alpha_max"),
-        )
-    # A non-finite entropy (a diverged policy) leaves the controllers and the last entropy.
-    ok = jnp.isfinite(entropy) & jnp.isfinite(inputs.h_hat)
+def finish_step(state: TrainState, entropy: Array, inputs: dict[str, Array], s: LossSettings):
+    """Advance the step counter and the method's controller from this step's entropy."""
+    controller = s.method.finish_step(state.controller, entropy, inputs)
+    # A non-finite entropy (a diverged policy) leaves the controller and the last entropy.
+    ok = jnp.isfinite(entropy) & jnp.isfinite(inputs["h_hat"])
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    controllers = jax.tree.map(keep, Controllers(lam, alpha), state.controllers)
     return state.replace(
-        step=state.step + 1, entropy=keep(entropy, state.entropy), controllers=controllers
+        step=state.step + 1,
+        entropy=keep(entropy, state.entropy),
+        controller=jax.tree.map(keep, controller, state.controller),
     )
 
 
@@ -298,78 +245,41 @@ _TOKEN_SUMS = (
 )  # fmt: skip
 
 
-def token_policy_loss(key, logp, mb: Batch, inputs: StepInputs, s: LossSettings):
-    """Per-token policy loss `[b, R]` with the intervention applied, and its indicators.
-
-    Returns (loss, clipped, dual_clipped, selected, weights): `selected` marks tokens an
-    intervention detached or penalised; `weights` the per-token loss weights (1 when none).
-    """
-    mask = mb.response_mask
-    adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
-    ones, zeros = jnp.ones_like(logp), jnp.zeros_like(logp)
-    if s.intervention == "clip_cov":
-        terms, selected = losses.clip_cov_token_loss(
-            key, logp, mb.old_logp, adv, mask, eps_low=s.eps_low, eps_high=s.eps_high,
-            ratio=s.arg("ratio"), lb=s.arg("lb"), ub=s.arg("ub"),
-        )  # fmt: skip
-        return terms.loss, terms.clipped, terms.dual_clipped, selected, 1.0 - selected
-    if s.intervention == "kl_cov":
-        loss, selected = losses.kl_cov_token_loss(
-            logp, mb.old_logp, adv, mask, ratio=s.arg("ratio"), kl_coef=s.arg("kl_coef")
-        )
-        return loss, zeros, zeros, selected, ones
-    terms = losses.ppo_token_loss(logp, mb.old_logp, adv, s.eps_low, s.eps_high, s.dual_clip)
-    weights, selected = ones, zeros
-    if s.intervention == "pos_adv":
-        if s.arg("schedule") == "rand_pos_clip":
-            selected = losses.rand_pos_clip_select(key, adv, mask, ratio=s.arg("ratio"))
-            weights = 1.0 - selected
-        else:
-            weights = losses.pos_adv_weights(adv, inputs.lam, s.arg("neg_weight"))
-    elif s.intervention == "steer":
-        weights = losses.steer_weights(
-            logp, mb.old_logp, mb.old_entropy, adv, mask,
-            lambda_min=s.arg("lambda_min"), lambda_max=s.arg("lambda_max"),
-            linear=s.arg("linear"), norm_sequences=s.arg("norm_sequences"),
-        )  # fmt: skip
-    weights = jax.lax.stop_gradient(weights)
-    return terms.loss * weights, terms.clipped, terms.dual_clipped, selected, weights
-
-
 def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: LossSettings):
     """The mini-batch-normalised GRPO loss of one micro-batch, and its metric sums."""
     model = nnx.merge(graphdef, params)
     logp, ent = response_logp_entropy(model, mb, s)
     mask = mb.response_mask
     agg = lambda x: losses.aggregate(x, mask, s.loss_agg, norm)  # noqa: E731
-    token_loss, clipped, dual, selected, weights = token_policy_loss(key, logp, mb, inputs, s)
-    loss = agg(token_loss)
-    entropy_coef = s.entropy_coef + inputs.alpha
-    if s.entropy_coef or s.intervention == "adaptive_entropy":
-        loss -= entropy_coef * agg(ent)
+    adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
+    token = s.method.token_loss(key, logp, mb, adv, inputs, s)
+    loss = agg(token.loss)
+    bonus = s.method.entropy_bonus(inputs)
+    if s.entropy_coef or bonus is not None:
+        loss -= (s.entropy_coef + (0.0 if bonus is None else bonus)) * agg(ent)
     kl = losses.kl_penalty(logp, mb.ref_logp, s.kl_estimator, s.kl_clamp)
     if s.kl_coef:
         loss += s.kl_coef * agg(kl)
     d = jax.lax.stop_gradient(losses.log_ratio(logp, mb.old_logp))
     sg = jax.lax.stop_gradient
-    upper = clipped * (mb.advantages[:, None] > 0)  # A > 0, so the ratio passed 1 + eps_high
+    upper = token.clipped * (mb.advantages[:, None] > 0)  # A > 0, so the ratio passed 1 + eps_high
     sums = {
-        "pg_clipfrac": jnp.sum(clipped * mask),
+        "pg_clipfrac": jnp.sum(token.clipped * mask),
         "pg_clipfrac_pos": jnp.sum(upper * mask),
         "pg_clipfrac_pos_lowp": jnp.sum(upper * (mb.old_logp < np.log(LOW_PROB)) * mask),
-        "pg_clipfrac_lower": jnp.sum(dual * mask),
+        "pg_clipfrac_lower": jnp.sum(token.dual_clipped * mask),
         "approx_kl": jnp.sum((jnp.exp(d) - 1 - d) * mask),  # k3 estimate of KL(old || new)
         "kl": jnp.sum(sg(kl) * mask),
         "update_entropy": jnp.sum(sg(ent) * mask),
-        "intervention_frac": jnp.sum(selected * mask),
-        "weight_mean": jnp.sum(weights * mask),
+        "intervention_frac": jnp.sum(token.selected * mask),
+        "weight_mean": jnp.sum(token.weights * mask),
     }
-    weight_min = jnp.min(jnp.where(mask > 0, weights, jnp.inf))
+    weight_min = jnp.min(jnp.where(mask > 0, token.weights, jnp.inf))
     return loss, (sums, weight_min)
 
 
 def update(
-    state: TrainState, graphdef, tx, batch: Batch, k: Array, inputs: StepInputs, s: LossSettings
+    state: TrainState, graphdef, tx, batch: Batch, k: Array, inputs: dict, s: LossSettings
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update on mini-batch k of the step's batch, gradients accumulated over
     micro-batches."""
@@ -382,8 +292,10 @@ def update(
 
     def micro_step(carry, xs):
         grads, loss, sums, wmin = carry
-        k, mb = xs
-        (mb_loss, (mb_sums, mb_wmin)), g = grad_fn(state.params, graphdef, k, mb, norm, inputs, s)
+        mb_key, mb = xs
+        (mb_loss, (mb_sums, mb_wmin)), g = grad_fn(
+            state.params, graphdef, mb_key, mb, norm, inputs, s
+        )
         add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
         return (add(grads, g), loss + mb_loss, add(sums, mb_sums), jnp.minimum(wmin, mb_wmin)), None
 

@@ -145,37 +145,14 @@ class Learner:
         metrics["lr"] = float(self.schedule(int(self.state.step) * len(per_update) - 1))
         if not c.algo.kl_coef:
             metrics.pop("kl")
-        frac, wmean = metrics.pop("intervention_frac"), metrics.pop("weight_mean")
-        wmin = float(np.min([m["weight_min"] for m in applied]))
-        metrics.pop("weight_min")
-        return metrics | self._method_metrics(frac, wmean, wmin, inputs)
-
-    def _method_metrics(
-        self, frac: float, wmean: float, wmin: float, inputs: grpo.StepInputs
-    ) -> dict[str, float]:
-        """The generic intervention metrics, named after the active method."""
-        a = self.config.algo
-        out: dict[str, float] = {}
-        if a.intervention in ("clip_cov", "kl_cov"):
-            out[f"{a.intervention}_frac"] = frac
-        elif a.intervention == "pos_adv":
-            if a.pos_adv.schedule == "rand_pos_clip":
-                out["rand_pos_clip_frac"] = frac
-            else:
-                out["lambda"] = float(inputs.lam)
-        elif a.intervention == "steer":
-            out["steer_weight_mean"], out["steer_weight_min"] = wmean, wmin
-        elif a.intervention == "adaptive_entropy":
-            out["alpha"] = float(inputs.alpha)
-            out["entropy_estimate"] = float(inputs.h_hat)
-            out["alpha_next"] = float(self.state.controllers.alpha.alpha)
-        if a.intervention == "pos_adv" and a.pos_adv.schedule == "entropy_guided":
-            out["lambda_next"] = float(self.state.controllers.lam.lam)
-        return out
+        token = {k: metrics.pop(k) for k in ("intervention_frac", "weight_mean", "weight_min")}
+        token["weight_min"] = float(np.min([m["weight_min"] for m in applied]))
+        host_controller = distributed.to_host(self.state.controller)
+        return metrics | self.settings.method.metrics(token, inputs, host_controller)
 
     def host_state(self) -> dict[str, Any]:
         """The host-side view of the state every process must hold identically."""
         st = self.state
         return distributed.to_host(
-            (st.step, st.controllers, jax.random.key_data(st.rng), st.entropy)
+            (st.step, st.controller, jax.random.key_data(st.rng), st.entropy)
         )

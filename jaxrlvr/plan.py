@@ -264,7 +264,6 @@ class Planner:
         n, p, r = self.num_sequences, c.data.max_prompt_len, c.rollout.max_new_tokens
         batch = programs.abstract_batch(n, p, r, rows_sh)
         scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=repl)  # noqa: E731
-        inputs = grpo.StepInputs(*(scalar(jnp.float32) for _ in grpo.StepInputs._fields))
         params_bytes = _nbytes(state.params)
         engine_bytes = _nbytes(self._engine_params())
         ref_bytes = params_bytes if c.algo.kl_coef > 0 else 0
@@ -273,6 +272,10 @@ class Planner:
         passes = 4.0 if c.model.remat != "none" else 3.0
         head_passes = 4.0 if s.logp_remat else 3.0
         resp = jax.ShapeDtypeStruct((n, r), jnp.float32, sharding=rows_sh)
+        inputs = jax.eval_shape(
+            lambda *a: grpo.step_inputs(*a, s), state, resp, resp, scalar(jnp.int32)
+        )  # the step's scalars, replicated
+        inputs = jax.tree.map(lambda x: scalar(x.dtype), inputs)
         others = engine_bytes + ref_bytes  # the sampler's weights, the frozen reference
         check_copy = params_bytes if c.diagnostics.entropy_check_every else 0
         todo = {

@@ -5,7 +5,7 @@ of time from abstract arrays. Every input and output has an explicit sharding, s
 program compiles once and the state keeps its layout from step to step:
 
 - parameters by the logical-axis rules, optimizer moments like their parameters, scalars
-  (step, PRNG key, controllers) replicated;
+  (step, PRNG key, the method's controller) replicated;
 - the rollout batch split over data x fsdp on its leading (row) axis, laid out by
   `grpo.device_order` so that mini- and micro-batches are local slices.
 """
@@ -31,7 +31,7 @@ class StepPrograms:
 
     policy_pass: Callable  # (params, batch) -> (logp, entropy) [N, R]
     update: Callable  # (state, batch, k, inputs) -> (state, metrics); state donated
-    step_inputs: Callable  # (state, old_logp, mask, epoch) -> StepInputs
+    step_inputs: Callable  # (state, old_logp, mask, epoch) -> {name: scalar}
     finish_step: Callable  # (state, entropy, inputs) -> state; state donated
     diagnostics: Callable  # (old_logp, advantages, response_mask) -> metrics
     entropy_check: Callable  # (params_before, params_after, batch) -> metrics

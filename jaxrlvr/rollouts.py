@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxrlvr import distributed, grpo, losses
 from jaxrlvr.rewards import ERROR, TIMEOUT, RewardFn, get_reward_fn
+from jaxrlvr.rewards.overlong import overlong_penalty
 from jaxrlvr.sampling import Engine, SamplingParams, generate
 
 
@@ -142,8 +143,14 @@ class RolloutCollector:
                 break
         groups = (kept + spare)[:want]  # top up with uninformative groups if sampling ran dry
         rewards = np.concatenate([g[2] for g in groups])
-        adv = np.asarray(losses.grpo_advantages(jnp.asarray(rewards), n, c.algo.std_normalize))
         comps = [comp for g in groups for comp in g[1]]
+        lengths = np.array([len(comp.token_ids) for comp in comps])
+        r = c.reward  # DAPO's overlong shaping acts on the advantages, not on which groups count
+        penalty = overlong_penalty(
+            lengths, c.rollout.max_new_tokens, r.overlong_buffer, r.overlong_penalty
+        )
+        shaped = rewards + penalty
+        adv = np.asarray(losses.grpo_advantages(jnp.asarray(shaped), n, c.algo.std_normalize))
         arrays = grpo.rollout_batch(
             [g[0] for g in groups for _ in range(n)],
             [comp.token_ids for comp in comps],
@@ -153,7 +160,6 @@ class RolloutCollector:
             response_len=c.rollout.max_new_tokens,
             pad_id=self.pad_id,
         )
-        lengths = np.array([len(comp.token_ids) for comp in comps])
         sampled = np.concatenate(all_rewards)
         info = {
             "reward_mean": float(sampled.mean()),
@@ -166,6 +172,9 @@ class RolloutCollector:
             "generated_tokens": int(lengths.sum()),
             "epoch": int(max(epochs)),
         }
+        if r.overlong_buffer:
+            info["overlong_penalty_mean"] = float(penalty.mean())
+            info["overlong_penalized_frac"] = float(np.mean(penalty < 0))
         if c.algo.dynamic_sampling:
             info["dynamic_sampling_batches"] = len(all_rewards)
             info["dynamic_sampling_kept_frac"] = float(min(len(kept), want) / want)

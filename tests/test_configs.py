@@ -15,7 +15,6 @@ from ml_collections import config_flags
 
 from jaxrlvr.config import (
     MIN_TEMPERATURE,
-    POS_ADV_SCHEDULES,
     PRESET_NAMES,
     ConfigError,
     base_config,
@@ -24,11 +23,12 @@ from jaxrlvr.config import (
     updates_per_step,
     validate,
 )
+from jaxrlvr.methods.pos_adv import SCHEDULES as POS_ADV_SCHEDULES
 from jaxrlvr.record import flatten
 
 METHODS = (
     "adaptive_entropy.py", "clip_cov.py", "clip_higher.py", "entropy_bonus.py",
-    "grpo.py", "kl_cov.py", "pos_adv.py", "steer.py",
+    "grpo.py", "gspo.py", "kl_cov.py", "pos_adv.py", "steer.py",
 )  # fmt: skip
 PAPER_PRESETS = tuple(p for p in PRESET_NAMES if not is_demo(p))
 POS_ADV_ABLATIONS = ("adv_pos_only", "adv_neg_only")
@@ -116,6 +116,7 @@ INTERVENTION_OF = {
     "clip_higher.py": "none",
     "entropy_bonus.py": "entropy_bonus",
     "grpo.py": "none",
+    "gspo.py": "gspo",
     "kl_cov.py": "kl_cov",
     "pos_adv.py": "pos_adv",
     "steer.py": "steer",
@@ -252,14 +253,17 @@ def test_qwen25_math_7b_reference_settings(name):
     assert c.optim.lr == 1e-6
     assert c.optim.schedule == "constant"
     assert c.optim.grad_clip == 1.0
-    assert c.algo.loss_agg == "token-mean"
+    # GSPO keeps its own loss: seq-mean-token-mean on the sequence ratio, clip 3e-4 / 4e-4
+    assert c.algo.loss_agg == ("seq-mean-token-mean" if method == "gspo" else "token-mean")
     assert c.algo.std_normalize
     assert c.algo.kl_coef == 0.0  # no KL (no reference model)
     assert c.algo.entropy_coef == (1e-3 if method == "entropy_bonus" else 0.0)
     if method in ("steer", "clip_higher"):
         assert (c.algo.eps_low, c.algo.eps_high) == (0.2, 0.28)
-    if method not in ("clip_cov", "kl_cov"):  # those losses have no dual clip
+    if method not in ("clip_cov", "kl_cov", "gspo"):  # those losses have no dual clip
         assert c.algo.dual_clip == 10.0
+    if method == "gspo":
+        assert (c.algo.eps_low, c.algo.eps_high, c.algo.dual_clip) == (3e-4, 4e-4, 0.0)
     assert c.data.prompt_template == "dapo"
     assert c.data.answer_field == ""  # detected per row: reward_model.ground_truth first
     assert c.reward.name == "math"

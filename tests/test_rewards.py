@@ -255,3 +255,16 @@ def test_digit_group_separators_score_ok(response: str, answer: str) -> None:
 )
 def test_digit_groups_only_of_three_are_joined(response: str, answer: str) -> None:
     assert check_math_response(response, answer) == "wrong"
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    """verl's DAPO reward manager, item by item: expected = max_len - buffer,
+    penalty = min(-(L - expected) / buffer * factor, 0)."""
+    from jaxrlvr.rewards.overlong import overlong_penalty
+
+    max_len, buffer, factor = 20, 8, 0.5
+    lengths = np.array([1, 11, 12, 13, 16, 19, 20])
+    want = [min(-(n - (max_len - buffer)) / buffer * factor, 0.0) for n in lengths]
+    np.testing.assert_allclose(overlong_penalty(lengths, max_len, buffer, factor), want)
+    assert want[:3] == [0.0, 0.0, 0.0] and want[-1] == -factor
+    assert not overlong_penalty(lengths, max_len, 0, factor).any()  # off

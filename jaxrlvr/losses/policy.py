@@ -38,6 +38,7 @@ __all__ = [
     "agg_norm",
     "aggregate",
     "aggregation_weights",
+    "gspo_token_loss",
     "kl_penalty",
     "log_ratio",
     "masked_mean",
@@ -119,6 +120,37 @@ def ppo_token_loss(
         dual_clipped = (neg & (loss > l3)).astype(jnp.float32)
         loss = jnp.where(neg, jnp.minimum(loss, l3), loss)
     return PPOTerms(loss, clipped, dual_clipped, jax.lax.stop_gradient(ratio))
+
+
+def gspo_token_loss(
+    logp: jax.Array,  # [B, L] current policy
+    old_logp: jax.Array,  # [B, L] behaviour policy
+    advantages: jax.Array,  # [B, L] per-token advantage (constant along a sequence)
+    mask: jax.Array,  # [B, L] response tokens
+    eps_low: float | jax.Array,
+    eps_high: float | jax.Array,
+    log_ratio_cap: float = 10.0,
+) -> PPOTerms:
+    """GSPO's clipped surrogate per token (Zheng et al. 2025; docs/algorithms.md#gspo).
+
+    The importance ratio is the sequence's, ``s = exp(mean_t(logp - old_logp))`` over its
+    response tokens, written per token as ``log s_t = logp_t - sg(logp_t) + sg(log s)``
+    (value: the sequence ratio; gradient: each token's own log-prob), capped at
+    ``log_ratio_cap`` as verl does; then ``l = max(-A s_t, -A clip(s_t, 1 - eps_low,
+    1 + eps_high))``. No dual clip. Masks are applied by ``aggregate``.
+    """
+    adv = jax.lax.stop_gradient(_f32(advantages))
+    m = _f32(mask)
+    d = (_f32(logp) - _f32(old_logp)) * m
+    seq = jnp.sum(d, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1.0)
+    sg = jax.lax.stop_gradient
+    log_s = jnp.minimum(_f32(logp) - sg(_f32(logp)) + sg(seq), log_ratio_cap)  # [B, L]
+    ratio = jnp.exp(log_s)
+    l1 = -adv * ratio
+    l2 = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = jnp.maximum(l1, l2)
+    clipped = (l2 > l1).astype(jnp.float32)
+    return PPOTerms(loss, clipped, jnp.zeros_like(loss), sg(ratio))
 
 
 class AggNorm(NamedTuple):

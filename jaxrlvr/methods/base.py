@@ -1,0 +1,140 @@
+"""What an entropy method is, and the registry that names them.
+
+A method is a frozen dataclass whose fields are its settings (`config.algo.<name>.*`,
+each with its default and one line of help), registered under its name with
+`@register`. The GRPO update, the learner and the config reach a method only through
+the hooks below, so adding one is one module in this package (`jaxrlvr/methods/steer.py`
+is the worked example in docs/methods.md). Every hook that runs on device is pure and
+jit-compatible; the method's settings are static (the instance is hashable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlvr import losses
+
+Array = jax.Array
+Need = Callable[[bool, str, str], None]  # need(condition, key, message)
+OneOf = Callable[[str, tuple], None]  # one_of(key, choices)
+
+
+def setting(default: Any, help: str) -> Any:
+    """A method setting: its default and its one-line help (`--show_config`, docs)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class TokenLoss(NamedTuple):
+    """Per-token policy loss `[b, R]` and the indicators the update sums into metrics."""
+
+    loss: Array  # the weighted PPO (or replacement) loss per token
+    clipped: Array  # 1 where the PPO clip bound was active
+    dual_clipped: Array  # 1 where the dual clip bound was active (A < 0)
+    selected: Array  # 1 where the method detached or penalised the token
+    weights: Array  # per-token loss weights (1 when the method weighs nothing)
+
+
+class StepContext(NamedTuple):
+    """What a step's controller reads before the updates (all on device)."""
+
+    step: Array  # [] int32: completed training steps
+    epoch: Array  # [] int32: the data epoch of this step, from 0
+    h_hat: Array  # [] -mean(old_logp) over the step's response tokens
+    total_steps: int
+    num_epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Plain GRPO: the PPO-clip loss, no controller, no extra metrics.
+
+    Subclasses override what they change. The hooks, in the order a step calls them:
+    `init_controller` (once, into the train state), `step_inputs` (before the updates),
+    `token_loss` and `entropy_bonus` (inside every update), `finish_step` (after the
+    updates, with the step's entropy), `metrics` (on the host).
+    """
+
+    name: ClassVar[str] = "none"
+    summary: ClassVar[str] = "plain GRPO (Clip-Higher is algo.eps_high > algo.eps_low)"
+
+    @classmethod
+    def from_config(cls, algo: Any) -> Method:
+        """The settings in `config.algo.<name>` (none for a method without settings)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not fields:
+            return cls()
+        sub = algo[cls.name]
+        return cls(**{f: sub[f] for f in fields})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    def validate(self, config: Any, need: Need, one_of: OneOf) -> None:
+        """Report each bad setting with `need(ok, key, message)` (keys below `algo.`)."""
+
+    def inert(self, config: Any, num_epochs: int | None) -> list[str]:
+        """Warnings for settings that cannot act in this run."""
+        return []
+
+    # -- on device
+
+    def init_controller(self) -> Any:
+        """The controller state carried (and checkpointed) in the train state."""
+        return ()
+
+    def step_inputs(self, controller: Any, ctx: StepContext) -> dict[str, Array]:
+        """Scalars fixed for all updates of the step."""
+        return {}
+
+    def finish_step(self, controller: Any, entropy: Array, inputs: dict[str, Array]) -> Any:
+        """The controller after the step (the train state keeps the old one if the
+        entropy is not finite)."""
+        return controller
+
+    def token_loss(self, key: Array, logp: Array, mb: Any, adv: Array, inputs, s) -> TokenLoss:
+        """The per-token loss of micro-batch `mb` (`adv` broadcast to `[b, R]`)."""
+        return self.weighted_ppo(logp, mb, adv, s, jnp.ones_like(logp), jnp.zeros_like(logp))
+
+    def entropy_bonus(self, inputs: dict[str, Array]) -> Array | None:
+        """An entropy-bonus coefficient added to `algo.entropy_coef`, or None (no term)."""
+        return None
+
+    # -- on the host
+
+    def metrics(self, token: dict[str, float], inputs: dict, controller: Any) -> dict[str, float]:
+        """The method's metrics from the update's token means (`intervention_frac`,
+        `weight_mean`, `weight_min`), the step inputs and the controller after the step."""
+        return {}
+
+    # -- shared
+
+    @staticmethod
+    def weighted_ppo(logp, mb, adv, s, weights, selected) -> TokenLoss:
+        """The PPO-clip loss with detached per-token `weights`."""
+        terms = losses.ppo_token_loss(logp, mb.old_logp, adv, s.eps_low, s.eps_high, s.dual_clip)
+        weights = jax.lax.stop_gradient(weights)
+        return TokenLoss(terms.loss * weights, terms.clipped, terms.dual_clipped, selected, weights)
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` selectable as `algo.intervention=<cls.name>`."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"an entropy method named {cls.name!r} is registered already")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+register(Method)

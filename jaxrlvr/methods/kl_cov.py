@@ -1,0 +1,36 @@
+"""KL-Cov (Cui et al. 2025): on the `ratio` of tokens with the largest covariance of
+log-prob and advantage, the clipped surrogate is replaced by the unclipped one plus
+`kl_coef * |logp - old_logp|`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxrlvr import losses
+from jaxrlvr.methods.base import Method, TokenLoss, register, setting
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class KLCov(Method):
+    name = "kl_cov"
+    summary = "penalise |logp - old_logp| on the tokens of largest covariance"
+
+    ratio: float = setting(2e-3, "fraction of tokens with the highest covariance penalised")
+    kl_coef: float = setting(1.0, "weight of |logp - old_logp| on the selected tokens")
+
+    def validate(self, config, need, one_of) -> None:
+        need(0 < self.ratio <= 1, "algo.kl_cov.ratio", "must be in (0, 1]")
+        need(self.kl_coef >= 0, "algo.kl_cov.kl_coef", "must be >= 0")
+
+    def token_loss(self, key, logp, mb, adv, inputs, s):
+        loss, selected = losses.kl_cov_token_loss(
+            logp, mb.old_logp, adv, mb.response_mask, ratio=self.ratio, kl_coef=self.kl_coef
+        )
+        zeros = jnp.zeros_like(logp)
+        return TokenLoss(loss, zeros, zeros, selected, jnp.ones_like(logp))
+
+    def metrics(self, token, inputs, controller):
+        return {"kl_cov_frac": token["intervention_frac"]}
