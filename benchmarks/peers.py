@@ -51,8 +51,8 @@ Sampling: throughput = generated tokens (the forced lengths) / wall time of the 
 GRPO: time of one training step on the same batch: token-mean loss, PPO clip 0.2, dual
 clip `DUAL_CLIP`, no KL term, AdamW (lr `LR`) after global-norm clipping, one optimizer
 update over the whole batch, no gradient accumulation.
-  jaxrlvr  `jaxrlvr.learner.Learner.step`, as `jaxrlvr.train` runs it: the old-policy pass,
-           the update (`jaxrlvr.grpo.update`), the controllers and the step's metrics.
+  jaxrlvr  `jaxrlvr.rl.learner.Learner.step`, as `jaxrlvr.train` runs it: the old-policy pass,
+           the update (`jaxrlvr.rl.grpo.update`), the controllers and the step's metrics.
            The config is the demo preset's with the settings above; the rest keeps this
            project's defaults (e.g. `train.pack`, `model.attention`), which `--set KEY=VALUE`
            overrides (the sampler's engine and model numerics come from the same config).
@@ -233,8 +233,8 @@ def jaxrlvr_sampler(spec: Spec, measurement: str):
 def jaxrlvr_grpo(spec: Spec, measurement: str):
     from flax import nnx
 
-    from jaxrlvr import grpo
-    from jaxrlvr.learner import Learner
+    from jaxrlvr.rl import grpo
+    from jaxrlvr.rl.learner import Learner
 
     c = jaxrlvr_config(spec, "grpo")
     model, mesh = jaxrlvr_model(spec, c)

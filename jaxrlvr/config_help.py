@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxrlvr import methods
 from jaxrlvr.config import base_config, load_config_file
-from jaxrlvr.record import flatten
+from jaxrlvr.runtime.record import flatten
 
 HELP: dict[str, str] = {
     "preset": "model preset, set by the config argument: demo | qwen2.5-math-7b | ...",

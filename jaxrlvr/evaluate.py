@@ -11,7 +11,7 @@ next to a workdir's `hf/`), else from `--preset`, else (a bare checkpoint) from
 context (`checkpoint_lengths`); flags override them. An eval set that keeps no prompt is
 refused. Writes `OUT/eval.json` (`{benchmark: {metric: value}}`),
 `OUT/samples.jsonl` (one line per sample) and `OUT/eval.md`; the metrics are those of
-`jaxrlvr.evaluation`, the same the trainer logs.
+`jaxrlvr.study.evaluation`, the same the trainer logs.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import grpo, preflight
-from jaxrlvr.checkpointing import Checkpointer
 from jaxrlvr.data import read_prompts
-from jaxrlvr.evaluation import EvalSet, Evaluator, markdown_table, parse_eval_specs
 from jaxrlvr.models import load_hf_checkpoint
-from jaxrlvr.record import config_in_force, flatten, write_atomic
-from jaxrlvr.rollouts import RolloutCollector, make_reward, pad_token_id, stop_token_ids
+from jaxrlvr.rl import grpo, preflight
+from jaxrlvr.rl.rollouts import RolloutCollector, make_reward, pad_token_id, stop_token_ids
+from jaxrlvr.runtime.checkpointing import Checkpointer
+from jaxrlvr.runtime.record import config_in_force, flatten, write_atomic
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
+from jaxrlvr.study.evaluation import EvalSet, Evaluator, markdown_table, parse_eval_specs
 
 log = logging.getLogger("jaxrlvr.evaluate")
 

@@ -33,8 +33,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import grpo, programs
 from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype
+from jaxrlvr.rl import grpo, programs
 from jaxrlvr.sampling import engine as engine_lib
 from jaxrlvr.sharding import MESH_AXES, batch_shards
 

@@ -8,7 +8,7 @@ to DIR:
 - `covariance.png`: the covariance distribution (mean covariance of the top 0.02% ...
   50% of tokens, the `cov_top_*` metrics) averaged over each run's last steps;
 - `law.png`: score against entropy with the fitted law `R = -a exp(H) + b` per run
-  (`jaxrlvr.entropy_law`) and, with several runs, one fit across them all;
+  (`jaxrlvr.study.entropy_law`) and, with several runs, one fit across them all;
 - `fit.json`: per run `a`, `b`, `rmse`, `pairs` and, from the first 15% of steps,
   `predicted_final` / `actual_final` (or the reason a fit could not be made);
 - `index.md`: the figures and a table of every run; for runs that logged the first-order
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from jaxrlvr import entropy_law, markdown
-from jaxrlvr.metrics import LOW_PROB, read_metrics
+from jaxrlvr.runtime.metrics import LOW_PROB, read_metrics
+from jaxrlvr.study import entropy_law, markdown
 
 log = logging.getLogger("jaxrlvr.report")
 

@@ -51,9 +51,9 @@ import numpy as np
 from absl import app, flags
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import markdown
 from jaxrlvr.config_help import closest_keys
-from jaxrlvr.record import flatten, write_atomic
+from jaxrlvr.runtime.record import flatten, write_atomic
+from jaxrlvr.study import markdown
 
 log = logging.getLogger("jaxrlvr.sweep")
 
@@ -515,7 +515,7 @@ def build_runs(
     config: str, root: str, sweep_file: str | None, grids: Sequence[str], sets: Sequence[str]
 ) -> list[Run]:
     """The resolved runs of a sweep file and/or grids, with `--set` values for every point."""
-    from jaxrlvr.preflight import check_local_path  # here: the sweep process stays jax-free
+    from jaxrlvr.rl.preflight import check_local_path  # here: the sweep process stays jax-free
 
     check_local_path("--root", root)
     points = product(load_sweep(sweep_file) if sweep_file else [{}], grid_points(grids))

@@ -2,13 +2,13 @@
 
 One step: sample `n` responses for each of `prompts_per_step` prompts with the current
 policy, score them with a verifiable reward, compute group advantages
-(`jaxrlvr.rollouts`), then one old-policy pass and `prompts_per_step / mini_batch_prompts`
-optimizer updates (`jaxrlvr.learner`). Metrics go to `workdir/metrics.jsonl` and
+(`jaxrlvr.rl.rollouts`), then one old-policy pass and `prompts_per_step / mini_batch_prompts`
+optimizer updates (`jaxrlvr.rl.learner`). Metrics go to `workdir/metrics.jsonl` and
 TensorBoard; Orbax checkpoints make a rerun of the same command resume; the final
 policy is exported to `workdir/hf/`.
 
 A run is built not to lose work: bad input is refused before anything compiles
-(`jaxrlvr.preflight`); non-finite updates are skipped and a run that keeps skipping
+(`jaxrlvr.rl.preflight`); non-finite updates are skipped and a run that keeps skipping
 stops; SIGTERM / SIGINT save the last completed step before exiting; a damaged
 checkpoint is set aside and the one before is used; a failed background save stops the
 run at the next step.
@@ -36,25 +36,28 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import config_help, distributed, grpo, preflight
-from jaxrlvr.checkpointing import Checkpointer, CheckpointError, StateMismatch
+from jaxrlvr import config_help
 from jaxrlvr.data import PromptDataset, read_prompts
-from jaxrlvr.evaluation import EvalSet, Evaluator, flat_eval_metrics, parse_eval_specs
-from jaxrlvr.learner import Learner
-from jaxrlvr.metrics import MetricsWriter, StepPace, StepTimer, console_line
 from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
 from jaxrlvr.models.checkpoint import ExportError
-from jaxrlvr.record import CONFIG_FILE, config_changes, config_in_force, record_config
-from jaxrlvr.rollouts import (
+from jaxrlvr.rl import grpo, preflight
+from jaxrlvr.rl.learner import Learner
+from jaxrlvr.rl.rollouts import (
     RolloutCollector,
     derive_seed,
     make_reward,
     pad_token_id,
     stop_token_ids,
 )
+from jaxrlvr.runtime import distributed
+from jaxrlvr.runtime.checkpointing import Checkpointer, CheckpointError, StateMismatch
+from jaxrlvr.runtime.metrics import MetricsWriter, StepPace, StepTimer, console_line
+from jaxrlvr.runtime.record import CONFIG_FILE, config_changes, config_in_force, record_config
+from jaxrlvr.runtime.signals import Abandoned, StopSignals
+from jaxrlvr.runtime.workdir_lock import WorkdirLock
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
-from jaxrlvr.workdir_lock import WorkdirLock
+from jaxrlvr.study.evaluation import EvalSet, Evaluator, flat_eval_metrics, parse_eval_specs
 
 log = logging.getLogger("jaxrlvr.train")
 
@@ -86,66 +89,6 @@ def resolve_model_and_data(config: ml_collections.ConfigDict) -> ml_collections.
         config.data.train_files = config.data.train_files or str(path / "train.jsonl")
         config.data.eval_files = config.data.eval_files or str(path / "eval.jsonl")
     return config
-
-
-class StopSignals:
-    """SIGTERM / SIGINT handling: the first signal asks the run to stop after the current
-    step (at once while only rollouts or evaluation are under way, which are redone on
-    resume); a second one stops at once, without a checkpoint.
-
-    With several processes nothing is cut short (the processes would leave their
-    collectives at different points): every process finishes the step, and at each step's
-    end they agree whether any of them was signalled (`should_stop`), so all stop at the
-    same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._abandonable = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in self.SIGNALS:  # every process: each saves its shards
-            with contextlib.suppress(ValueError):  # not the main thread: leave as is
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received is not None:
-            raise KeyboardInterrupt(f"second stop signal ({name})")
-        self.received = signum
-        log.warning("%s received: stopping after the current step, with a checkpoint", name)
-        if self._abandonable:
-            raise _Abandon
-
-    def should_stop(self) -> bool:
-        """Whether this process (or, with several, any process) was signalled."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        every = distributed.gather(np.asarray([self.received or 0]), jax.process_count())
-        self.received = self.received or next((int(f) for f in every if f), None)
-        return self.received is not None
-
-    @contextlib.contextmanager
-    def abandonable(self):
-        """A stretch of work a stop signal may cut short (nothing in it is kept)."""
-        self._abandonable = jax.process_count() == 1
-        try:
-            if self.received is not None and self._abandonable:
-                raise _Abandon
-            yield
-        finally:
-            self._abandonable = False
-
-
-class _Abandon(Exception):  # noqa: N818 - control flow
-    """Raised by the signal handler inside `StopSignals.abandonable`."""
 
 
 class Trainer:
@@ -243,7 +186,7 @@ class Trainer:
         self.signals = StopSignals()
 
     def _lock_workdir(self) -> WorkdirLock | None:
-        """Process 0 locks the workdir (`jaxrlvr.workdir_lock`), so a second run there is
+        """Process 0 locks the workdir (`jaxrlvr.runtime.workdir_lock`), so a second run there is
         refused; with several processes, all of them stop when it cannot."""
         lock, refusal = None, None
         if jax.process_index() == 0:
@@ -340,7 +283,7 @@ class Trainer:
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """The eval metrics (`jaxrlvr.evaluation`) of the current policy on every eval set."""
+        """The eval metrics (`jaxrlvr.study.evaluation`) of the current policy on every eval set."""
         self.engine.update_params(self.state.params)
         t0 = time.perf_counter()
         seed = derive_seed(self.config.seed, step, EVAL_STREAM)
@@ -381,7 +324,7 @@ class Trainer:
                     self.checkpointer.check_for_errors()  # a failed save stops the run here
                     try:
                         metrics = self._step(step)
-                    except _Abandon:
+                    except Abandoned:
                         step -= 1  # the step is redone on resume
                         break
                     data_state = self.data_iter.get_state()
@@ -425,7 +368,7 @@ class Trainer:
             try:
                 with self.signals.abandonable():
                     metrics = metrics | self.evaluate(step)
-            except _Abandon:
+            except Abandoned:
                 log.warning("step %d: evaluation cut short; it runs again on resume", step)
                 self._save(step, data_state, pending_row=metrics)
                 raise self._preempted(step) from None

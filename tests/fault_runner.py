@@ -26,7 +26,7 @@ import time
 from absl import app
 
 from jaxrlvr import train
-from jaxrlvr.checkpointing import Checkpointer
+from jaxrlvr.runtime.checkpointing import Checkpointer
 
 
 def slow_save():

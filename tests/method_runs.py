@@ -25,7 +25,7 @@ VOLATILE = ("time_", "tokens_per_s", "seconds")
 
 
 def run(name: str, arg: str | None, workdir: Path) -> list[dict]:
-    from jaxrlvr.metrics import read_metrics
+    from jaxrlvr.runtime.metrics import read_metrics
     from jaxrlvr.train import Trainer
 
     c = get_config(name, arg)

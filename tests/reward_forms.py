@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from jaxrlvr.markdown import table
 from jaxrlvr.rewards.types import NO_ANSWER, OK, WRONG
+from jaxrlvr.study.markdown import table
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 DOC_BEGIN = "<!-- reward-forms: written by tests/reward_forms.py --write; edit the cases there -->"

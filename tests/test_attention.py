@@ -167,8 +167,8 @@ def test_backend_choice_and_fallback(caplog):
 
 def test_explicit_kernel_the_platform_lacks_is_refused_at_start():
     """`model.attention=splash` on a CPU run stops before anything loads, naming the key."""
-    from jaxrlvr import preflight
     from jaxrlvr.config import ConfigError, base_config
+    from jaxrlvr.rl import preflight
 
     c = base_config("demo")
     c.model.attention = "splash"

@@ -269,7 +269,7 @@ def test_check_hf_checkpoint_names_each_fault_from_the_headers(policy, tmp_path,
 
 
 def test_chat_template_without_jinja2_is_refused_at_start_up(policy, tmp_path, monkeypatch):
-    from jaxrlvr import preflight
+    from jaxrlvr.rl import preflight
 
     path = tmp_path / "chat"
     shutil.copytree(policy, path)

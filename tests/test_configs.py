@@ -24,7 +24,7 @@ from jaxrlvr.config import (
     validate,
 )
 from jaxrlvr.methods.pos_adv import SCHEDULES as POS_ADV_SCHEDULES
-from jaxrlvr.record import flatten
+from jaxrlvr.runtime.record import flatten
 
 METHODS = (
     "adaptive_entropy.py", "clip_cov.py", "clip_higher.py", "entropy_bonus.py",

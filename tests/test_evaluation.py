@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrlvr.config import ConfigError
-from jaxrlvr.evaluation import (
+from jaxrlvr.study.evaluation import (
     Sample,
     benchmark_metrics,
     distinct_n,

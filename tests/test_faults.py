@@ -25,10 +25,10 @@ import pytest
 from tiny_policy import write_tiny_policy
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import preflight
-from jaxrlvr.metrics import MetricsWriter, read_metrics
-from jaxrlvr.record import HISTORY_FILE, record_config
 from jaxrlvr.rewards.pool import CheckerPool
+from jaxrlvr.rl import preflight
+from jaxrlvr.runtime.metrics import MetricsWriter, read_metrics
+from jaxrlvr.runtime.record import HISTORY_FILE, record_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_KEYS = ("time_", "tokens_per_s")
@@ -226,7 +226,7 @@ def test_unreadable_checkpoint_stops_with_nothing_moved(policy, reference, tmp_p
 
 
 def test_only_undecodable_data_counts_as_damage():
-    from jaxrlvr.checkpointing import _corruption
+    from jaxrlvr.runtime.checkpointing import _corruption
 
     def wrapped(inner: Exception) -> Exception:  # as Orbax wraps a failed tensorstore read
         outer = Exception("Encountered error while reading array index")
@@ -315,7 +315,7 @@ def test_show_config_prints_values_defaults_and_help():
 
 
 def config_lib_keys() -> list[str]:
-    from jaxrlvr.record import flatten
+    from jaxrlvr.runtime.record import flatten
 
     return list(flatten(json.loads(config_lib.base_config("demo").to_json())))
 

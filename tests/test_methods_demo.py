@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from config_files import get_config
 
-from jaxrlvr.metrics import read_metrics
+from jaxrlvr.runtime.metrics import read_metrics
 
 STEPS, WINDOW = 30, 15  # demo: steps per run (about 35 s), and the final-value window
 HARD_STEPS, HARD_WINDOW = 50, 20  # demo-hard (about 80 s per run): STEER's gap needs 50

@@ -18,7 +18,7 @@ import portpicker
 import pytest
 from tiny_policy import write_tiny_policy
 
-from jaxrlvr.metrics import read_metrics
+from jaxrlvr.runtime.metrics import read_metrics
 
 COMPARED = ("reward_mean", "entropy", "loss", "grad_norm", "approx_kl", "kl", "eval_avg@2")
 

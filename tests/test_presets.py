@@ -19,9 +19,9 @@ from flax import nnx
 
 from jaxrlvr.config import PRESET_NAMES, ConfigError
 from jaxrlvr.data.arithmetic import save_demo_tokenizer
-from jaxrlvr.metrics import read_metrics
 from jaxrlvr.models import Qwen2, preset, save_hf_checkpoint
-from jaxrlvr.programs import batch_sharding
+from jaxrlvr.rl.programs import batch_sharding
+from jaxrlvr.runtime.metrics import read_metrics
 from jaxrlvr.train import Trainer
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

@@ -96,7 +96,7 @@ def test_device_order_makes_micro_batches_local_slices():
     g*m ... g*m + m - 1 in order, and slicing a mini-batch moves no data between devices."""
     from jax.sharding import NamedSharding
 
-    from jaxrlvr import grpo
+    from jaxrlvr.rl import grpo
 
     n, micro, shards = 64, 16, 8
     order = grpo.device_order(n, micro, shards)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from tiny_policy import write_tiny_policy
 
-from jaxrlvr import entropy_law, markdown, report, sweep
+from jaxrlvr import report, sweep
 from jaxrlvr.config import ConfigError
+from jaxrlvr.study import entropy_law, markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

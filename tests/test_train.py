@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 from tiny_policy import write_tiny_policy
 
-from jaxrlvr import grpo, packing
 from jaxrlvr.config import LOSS_AGG_MODES, ConfigError, base_config, validate
-from jaxrlvr.metrics import read_metrics
 from jaxrlvr.models import Qwen2, preset
+from jaxrlvr.rl import grpo, packing
+from jaxrlvr.runtime.metrics import read_metrics
 
 TIME_KEYS = ("time_", "tokens_per_s")
 
@@ -464,7 +464,7 @@ def test_every_intervention_updates(intervention, sub):
 def test_controllers_survive_checkpoint(tmp_path, intervention, controller, field):
     """The active method's controller is saved and restored with the train state."""
     from jaxrlvr import methods
-    from jaxrlvr.checkpointing import Checkpointer
+    from jaxrlvr.runtime.checkpointing import Checkpointer
 
     c = base_config("demo")
     c.algo.intervention = intervention

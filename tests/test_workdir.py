@@ -22,9 +22,9 @@ import pytest
 from tiny_policy import write_tiny_policy
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import preflight
-from jaxrlvr.metrics import read_metrics
-from jaxrlvr.workdir_lock import LOCK_FILE, WorkdirLock
+from jaxrlvr.rl import preflight
+from jaxrlvr.runtime.metrics import read_metrics
+from jaxrlvr.runtime.workdir_lock import LOCK_FILE, WorkdirLock
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

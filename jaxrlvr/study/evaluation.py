@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxrlvr import markdown
 from jaxrlvr.data.files import DataSpec, parse_specs
+from jaxrlvr.study import markdown
 
 ECE_BINS = 10
 
@@ -206,7 +206,7 @@ class EvalSet:
 class Evaluator:
     """Samples `n` responses per prompt of every eval set and scores them.
 
-    `rollouts` is a `jaxrlvr.rollouts.RolloutCollector` (its engine holds the policy to
+    `rollouts` is a `jaxrlvr.rl.rollouts.RolloutCollector` (its engine holds the policy to
     evaluate); `max_prompts` keeps the first prompts of each set (0 = all).
     """
 

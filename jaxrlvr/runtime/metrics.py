@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from jaxrlvr.record import write_atomic
+from jaxrlvr.runtime.record import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -110,9 +110,9 @@ def check_workdir(workdir: str) -> None:
 def checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
     """Bytes of one checkpoint of the train state: parameters and optimizer moments,
     from the model directory's config (shapes only; nothing is allocated or compiled)."""
-    from jaxrlvr import grpo
     from jaxrlvr.config import model_architecture
     from jaxrlvr.models import Qwen2
+    from jaxrlvr.rl import grpo
 
     c = config
     cfg = model_architecture(c)

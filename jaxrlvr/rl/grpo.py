@@ -1,7 +1,7 @@
 """The GRPO update: rollout batches, the old-policy pass, and one jit-compiled optimizer update.
 
 A rollout batch holds N = prompts x n sequences. The model reads them packed several to a
-row (`jaxrlvr.packing`: segment ids, positions restarting per sequence); log-probs and
+row (`jaxrlvr.rl.packing`: segment ids, positions restarting per sequence); log-probs and
 entropies are computed over the packed rows chunk by chunk
 (`jaxrlvr.losses.token_logp_entropy`, never full `[rows, L, V]` float32 logits) and
 gathered back per sequence, `[N, R]`, where every loss and metric is computed.
@@ -30,8 +30,8 @@ from flax import nnx, struct
 
 from jaxrlvr import config as config_lib
 from jaxrlvr import losses, methods
-from jaxrlvr.metrics import LOW_PROB
-from jaxrlvr.packing import device_order, merge_rows, split_rows, take_per_shard
+from jaxrlvr.rl.packing import device_order, merge_rows, split_rows, take_per_shard
+from jaxrlvr.runtime.metrics import LOW_PROB
 
 __all__ = ["device_order", "merge_rows", "split_rows"]  # the row layout, re-exported
 
@@ -39,7 +39,7 @@ Array = jax.Array
 
 
 class Batch(NamedTuple):
-    """One rollout batch (or a slice of it), in device order (`jaxrlvr.packing.pack`).
+    """One rollout batch (or a slice of it), in device order (`jaxrlvr.rl.packing.pack`).
 
     The token fields hold the sequences packed into rows of L tokens; the others have
     leading dimension N (one row per sequence)."""
@@ -200,7 +200,7 @@ def response_hidden(model, batch: Batch, shards: int) -> tuple[Array, Array, boo
 def response_logp_entropy(model, batch: Batch, s: LossSettings) -> tuple[Array, Array]:
     """Log-probs and entropies `[N, R]` of the response tokens under `model` at temperature T.
 
-    The LM head runs on the head list only (`jaxrlvr.packing`): its work follows the
+    The LM head runs on the head list only (`jaxrlvr.rl.packing`): its work follows the
     response tokens, not the padded `[N, R]` or the prompts."""
     shards = s.batch_shards
     hidden, targets = head_hidden(model, batch, shards)  # [G * M, D], [G * M]
@@ -381,7 +381,7 @@ def rollout_batch(
 ) -> dict[str, np.ndarray]:
     """N (prompt, response) pairs as host arrays: `tokens` `[N, P + R]` holds each prompt then
     its response from column 0 (`pad_id` after), `prompt_lengths` `[N]`, and the `[N, R]`
-    response fields; `jaxrlvr.packing.pack` lays them out for the device."""
+    response fields; `jaxrlvr.rl.packing.pack` lays them out for the device."""
     n = len(responses)
     ids = np.full((n, prompt_len + response_len), pad_id, np.int32)
     plen = np.zeros((n,), np.int64)

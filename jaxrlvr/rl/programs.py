@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrlvr import grpo
+from jaxrlvr.rl import grpo
 from jaxrlvr.sharding import logical_to_spec, state_shardings
 
 

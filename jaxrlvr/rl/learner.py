@@ -1,8 +1,8 @@
 """The device half of a training step: the train state and the compiled programs around it.
 
 `Learner` owns the `TrainState` (parameters, optimizer, controllers, PRNG key) and the
-step's programs (`jaxrlvr.programs`). `step` takes one step's rollout arrays from the
-host, packs them into rows (`jaxrlvr.packing`), runs the old-policy (and reference)
+step's programs (`jaxrlvr.rl.programs`). `step` takes one step's rollout arrays from the
+host, packs them into rows (`jaxrlvr.rl.packing`), runs the old-policy (and reference)
 pass, the step's optimizer updates and the controllers, and returns the step's metrics
 as Python numbers.
 
@@ -22,7 +22,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlvr import config as config_lib
-from jaxrlvr import distributed, grpo, losses, packing, programs
+from jaxrlvr import losses
+from jaxrlvr.rl import grpo, packing, programs
+from jaxrlvr.runtime import distributed
 from jaxrlvr.sharding import batch_shards
 
 SKIP_REASONS = ("loss", "grad_norm", "params")  # bits of `grpo.update`'s `skip_code`

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrlvr import distributed, grpo, losses
+from jaxrlvr import losses
 from jaxrlvr.rewards import ERROR, TIMEOUT, RewardFn, get_reward_fn
 from jaxrlvr.rewards.overlong import overlong_penalty
+from jaxrlvr.rl import grpo
+from jaxrlvr.runtime import distributed
 from jaxrlvr.sampling import Engine, SamplingParams, generate
 
 

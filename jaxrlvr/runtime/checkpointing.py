@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxrlvr import distributed
+from jaxrlvr.runtime import distributed
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What the study tools share: eval metrics, the entropy-performance law, Markdown tables."""
