@@ -11,6 +11,8 @@ FAULT is one of:
 - `unreadable`: opening a file whose path matches the pattern `$FAULT_PATH` (`fnmatch`)
   fails with a PermissionError, as for a file whose mode or owner a copy got wrong (tests
   run as root, which no mode keeps out); without `$FAULT_PATH` every file opens.
+- `garbled`: a file whose path matches `$FAULT_PATH` reads as bytes that decode to
+  nothing (as a file a faulty copy or disk returned wrong), for this process only.
 """
 
 import builtins
@@ -70,11 +72,27 @@ def unreadable():
     builtins.open = io.open = refusing_open
 
 
+def garbled():
+    pattern, real_open = os.environ.get("FAULT_PATH"), builtins.open
+    if pattern is None:
+        return
+
+    def garbling_open(file, mode="r", *args, **kwargs):
+        reading = "r" in mode and "+" not in mode
+        if reading and isinstance(file, str | os.PathLike) and fnmatch.fnmatch(file, pattern):
+            junk = b"\x93\x00not a checkpoint\xff"
+            return io.BytesIO(junk) if "b" in mode else io.StringIO(junk.decode("latin-1"))
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = garbling_open
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], [sys.argv[0], *sys.argv[2:]]
     faults = {
         "slow_save": slow_save, "slow_eval": slow_eval, "file_size_limit": file_size_limit,
         "unreadable": unreadable,
+        "garbled": garbled,
     }  # fmt: skip
     faults.get(fault, lambda: None)()
     train.define_flags()

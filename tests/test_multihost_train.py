@@ -183,3 +183,32 @@ def test_a_checkpoint_one_process_cannot_read_stops_both(policy, tmp_path):
         ), line
         assert f"Permission denied: '{unreadable}'" in line, line
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_processes_that_disagree_about_a_checkpoint_move_nothing(policy, tmp_path):
+    """Process 1 reads garbage for the newest checkpoint's metadata (a damaged copy of its
+    own), process 0 reads it whole: a step is set aside only when every process finds it
+    damaged, so both stop with the same error and the checkpoint stays where it is."""
+    run = tmp_path / "run"
+    args = train_args(policy, run, "(1,4,2)")
+    one_step = [*args, "--config.train.steps=1", "--config.train.eval_every=0"]
+    out = subprocess.run(one_step, env=env(8), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    garbled = run / "checkpoints" / "1" / "state" / "_METADATA"
+    runner = [sys.executable, str(Path(__file__).parent / "fault_runner.py"), "garbled"]
+    procs = start_pair([*runner, *one_step[3:]], env_of={1: {"FAULT_PATH": str(garbled)}})
+    try:
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 1, output[-3000:]
+        (line,) = [x for x in output.splitlines() if x.startswith("error:")]
+        assert line.startswith(
+            f"error: the processes disagree about the checkpoint {run}/checkpoints/1: "
+            "process 1 finds it damaged ("
+        ), line
+        assert line.endswith("process 0 reads it; nothing was moved"), line
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
