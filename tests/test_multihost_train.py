@@ -156,33 +156,43 @@ def _run_pair_expecting_failure(args) -> list[str]:
     return outputs
 
 
-def test_a_checkpoint_one_process_cannot_read_stops_both(policy, tmp_path):
-    """Process 1 cannot open a file of the newest checkpoint, process 0 can: both exit
-    with process 1's error (no hang), and the checkpoint stays where it is."""
-    run = tmp_path / "run"
+def stop_lines_with_a_fault_on_process_1(policy, run: Path, fault: str) -> tuple[Path, list]:
+    """Train one step and checkpoint it (one process), then resume with both processes,
+    process 1 under `fault` on the checkpoint's tree metadata: both must exit 1 with one
+    `error:` line each and leave every file where it was. Returns the faulted file and
+    the error lines."""
     args = train_args(policy, run, "(1,4,2)")
     one_step = [*args, "--config.train.steps=1", "--config.train.eval_every=0"]
     out = subprocess.run(one_step, env=env(8), capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    unreadable = run / "checkpoints" / "1" / "state" / "_METADATA"
-    runner = [sys.executable, str(Path(__file__).parent / "fault_runner.py"), "unreadable"]
-    procs = start_pair(
-        [*runner, *one_step[3:]], env_of={1: {"FAULT_PATH": str(unreadable)}}
-    )  # fmt: skip
+    faulted = run / "checkpoints" / "1" / "state" / "_METADATA"
+    runner = [sys.executable, str(Path(__file__).parent / "fault_runner.py"), fault]
+    procs = start_pair([*runner, *one_step[3:]], env_of={1: {"FAULT_PATH": str(faulted)}})
     try:
         outputs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
+    lines = []
     for p, output in zip(procs, outputs, strict=True):
         assert p.returncode == 1, output[-3000:]
         (line,) = [x for x in output.splitlines() if x.startswith("error:")]
+        lines.append(line)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    return faulted, lines
+
+
+def test_a_checkpoint_one_process_cannot_read_stops_both(policy, tmp_path):
+    """Process 1 cannot open a file of the newest checkpoint, process 0 can: both exit
+    with process 1's error (no hang), and the checkpoint stays where it is."""
+    run = tmp_path / "run"
+    unreadable, lines = stop_lines_with_a_fault_on_process_1(policy, run, "unreadable")
+    for line in lines:
         assert line.startswith(
             f"error: cannot read the checkpoint {run}/checkpoints/1 (process 1"
         ), line
         assert f"Permission denied: '{unreadable}'" in line, line
-    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
 
 
 def test_processes_that_disagree_about_a_checkpoint_move_nothing(policy, tmp_path):
@@ -190,25 +200,10 @@ def test_processes_that_disagree_about_a_checkpoint_move_nothing(policy, tmp_pat
     own), process 0 reads it whole: a step is set aside only when every process finds it
     damaged, so both stop with the same error and the checkpoint stays where it is."""
     run = tmp_path / "run"
-    args = train_args(policy, run, "(1,4,2)")
-    one_step = [*args, "--config.train.steps=1", "--config.train.eval_every=0"]
-    out = subprocess.run(one_step, env=env(8), capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
-    garbled = run / "checkpoints" / "1" / "state" / "_METADATA"
-    runner = [sys.executable, str(Path(__file__).parent / "fault_runner.py"), "garbled"]
-    procs = start_pair([*runner, *one_step[3:]], env_of={1: {"FAULT_PATH": str(garbled)}})
-    try:
-        outputs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, output in zip(procs, outputs, strict=True):
-        assert p.returncode == 1, output[-3000:]
-        (line,) = [x for x in output.splitlines() if x.startswith("error:")]
+    _, lines = stop_lines_with_a_fault_on_process_1(policy, run, "garbled")
+    for line in lines:
         assert line.startswith(
             f"error: the processes disagree about the checkpoint {run}/checkpoints/1: "
             "process 1 finds it damaged ("
         ), line
         assert line.endswith("process 0 reads it; nothing was moved"), line
-    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
