@@ -16,22 +16,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxrlvr import methods
+from jaxrlvr.config_fields import FIELDS, MIN_TEMPERATURE, PRESET_NAMES
 from jaxrlvr.errors import ConfigError
 from jaxrlvr.losses import AGG_MODES as LOSS_AGG_MODES
 
-PRESET_NAMES = (
-    "demo",
-    "demo-hard",
-    "demo-fork",
-    "qwen2.5-math-7b",
-    "qwen2.5-math-1.5b",
-    "qwen2.5-0.5b",
-)
-# The smallest rollout.temperature. The loss gradient scales as 1/T and is squared (Adam's
-# second moment, the global norm of the clip), which overflows float32 and bfloat16 (both
-# max 3.4e38) once it passes 1.8e19: 1e-8 keeps it finite for gradient norms up to 1.8e11
-# at T = 1, and logits / T finite for logits up to 3.4e30.
-MIN_TEMPERATURE = 1e-8
 # The embedded demo presets: their policies and data are built and cached on first use.
 DEMO_PRESETS = ("demo", "demo-hard", "demo-fork")
 
@@ -47,102 +35,20 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     if preset not in PRESET_NAMES:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESET_NAMES)}")
     c = ml_collections.ConfigDict()
-    c.preset = preset
-    c.name = "grpo"  # method name, used in the default workdir and logs
-    c.workdir = config_dict.placeholder(str)  # default: runs/<name>-<preset>
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.path = config_dict.placeholder(str)  # local Hugging Face checkpoint directory
-    c.model.dtype = "float32"  # compute dtype
-    c.model.param_dtype = "float32"  # storage dtype of the trained parameters
-    c.model.remat = "none"  # activation checkpointing per layer: none | full | dots
-    c.model.logp_chunk = 128  # sequence chunk for log-probs/entropy ([chunk, V] logits)
-    c.model.logp_remat = "auto"  # recompute the LM head in the backward pass: auto | on | off
-    c.model.attention = "auto"  # auto | blocked | splash | cudnn | reference
-    c.model.attention_block = 512  # key block of the blocked (flash) attention
-
-    c.data = ml_collections.ConfigDict()
-    # Comma-separated entries: paths, globs or URLs, or keyed `path=P,prompt_field=F,...`
-    # (jaxrlvr.data.files); eval sets add `name=`, or are written NAME=PATH[:answer[:tmpl]].
-    c.data.train_files = config_dict.placeholder(str)
-    c.data.eval_files = config_dict.placeholder(str)
-    c.data.prompt_field = ""  # dotted path; "": each row's first of prompt, problem, question
-    c.data.answer_field = ""  # dotted path; "": reward_model.ground_truth, else answer
-    c.data.prompt_template = "qwen_chat"  # qwen_chat | dapo | raw
-    c.data.max_prompt_len = 1024  # tokens; longer prompts are dropped (counted)
-    c.data.shuffle = True
-
-    c.reward = ml_collections.ConfigDict()
-    c.reward.name = "math"  # math | demo
-    c.reward.timeout_s = 5.0  # per-answer time limit of the math checker
-    c.reward.num_workers = 0  # checker processes; 0 = half the CPUs (1..8)
-    c.reward.batch_timeout_s = 300.0  # limit of one scored batch; 0 = off
-    c.reward.overlong_buffer = 0  # DAPO overlong shaping: last tokens before the cap; 0 = off
-    c.reward.overlong_penalty = 1.0  # DAPO overlong shaping: penalty at the cap
-
-    c.rollout = ml_collections.ConfigDict()
-    c.rollout.n = 8  # samples per prompt (GRPO group size)
-    c.rollout.temperature = 1.0
-    c.rollout.top_p = 1.0
-    c.rollout.top_k = 0  # 0 = off
-    c.rollout.max_new_tokens = 3072
-    c.rollout.max_slots = 256  # concurrent sequences in the sampler's KV cache
-    c.rollout.max_prefill_batch = 16  # prompts per prefill call (one length bucket)
-    c.rollout.backend = "engine"  # engine | jetstream
-
-    c.algo = ml_collections.ConfigDict()
-    c.algo.eps_low = 0.2
-    c.algo.eps_high = 0.2  # > eps_low is Clip-Higher (configs/clip_higher.py, steer.py)
-    c.algo.dual_clip = 10.0  # c of the dual clip (A < 0); 0 = off
-    c.algo.loss_agg = "token-mean"
-    c.algo.std_normalize = True  # False = Dr. GRPO advantages
-    c.algo.kl_coef = 0.0  # > 0 loads a frozen reference model
-    c.algo.kl_estimator = "k3"  # k1 | k2 | k3
-    c.algo.kl_clamp = 10.0  # k3 clipped to [-kl_clamp, kl_clamp] as verl does; 0 = off
-    c.algo.entropy_coef = 0.0  # fixed entropy bonus
-    c.algo.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal
-    c.algo.dynamic_sampling_max_batches = 4  # prompt batches tried per step before giving up
-    c.algo.old_logp_source = "trainer"  # trainer | sampler
-    # Entropy methods (jaxrlvr/methods/, docs/algorithms.md#entropy-interventions): the
-    # one named here acts; each method's settings, at the reference defaults, sit under
-    # algo.<name>.
-    c.algo.intervention = "none"  # one of jaxrlvr.methods.names()
+    for key, field in FIELDS.items():
+        *groups, name = key.split(".")
+        node = c
+        for group in groups:
+            if group not in node:
+                node[group] = ml_collections.ConfigDict()
+            node = node[group]
+        node[name] = config_dict.placeholder(field.type) if field.default is None else field.default
+    # Entropy methods (jaxrlvr/methods/, docs/algorithms.md#entropy-interventions): the one
+    # named by algo.intervention acts; each method's settings sit under algo.<name>.
     for name in methods.names():
         if defaults := methods.get(name).defaults():
             c.algo[name] = ml_collections.ConfigDict(defaults)
-
-    c.diagnostics = ml_collections.ConfigDict()
-    c.diagnostics.entropy_check_every = 0  # steps between Lemma-1 checks (an extra pass); 0 = off
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-6
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.weight_decay = 0.0  # docs/algorithms.md#reference-settings (DAPO's: 0.1)
-    c.optim.warmup_steps = 0  # training steps of linear warm-up (DAPO's recipe: 10)
-    c.optim.schedule = "constant"  # constant | cosine (to 0 at the last update)
-    c.optim.grad_clip = 1.0  # global norm; 0 = off
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 500
-    c.train.prompts_per_step = 512
-    c.train.mini_batch_prompts = 32  # updates per step = prompts_per_step / mini_batch_prompts
-    c.train.ppo_epochs = 1  # passes over the step's mini-batches (verl's ppo_epochs)
-    c.train.micro_batch_sequences = 8  # gradient accumulation chunk (sequences)
-    c.train.pack = True  # pack several sequences per row in the policy pass and the update
-    c.train.pack_buckets = 8  # row-count / head-list sizes: at most this many compiled shapes
-    c.train.eval_every = 10  # steps; 0 = never
-    c.train.eval_n = 32  # samples per eval prompt (the k of Avg@k / Pass@k)
-    c.train.eval_max_prompts = 0  # 0 = all eval prompts
-    c.train.checkpoint_every = 20  # steps; 0 = only at the end
-    c.train.max_checkpoints = 2
-    c.train.max_skipped_steps = 3  # consecutive non-finite steps before the run stops
-    c.train.log_every = 1  # console summary every k steps
-    c.train.progress = True  # progress bars
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (1, -1, 1)  # ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+    c.preset = preset
 
     if is_demo(preset):
         _demo(c)
@@ -259,46 +165,16 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
     def one_of(key: str, options):
         need(_get(config, key) in options, key, f"must be one of {', '.join(map(str, options))}")
 
-    a, r, t, o = config.algo, config.rollout, config.train, config.optim
-    # eps_low = 1 (no lower clip) is allowed: the Clip-Cov reference scripts use it.
-    need(0 <= a.eps_low <= 1, "algo.eps_low", "must be in [0, 1]")
-    need(a.eps_high >= 0, "algo.eps_high", "must be >= 0")
-    need(a.dual_clip == 0 or a.dual_clip > 1, "algo.dual_clip", "must be 0 (off) or > 1")
-    one_of("algo.loss_agg", LOSS_AGG_MODES)
-    one_of("algo.kl_estimator", ("k1", "k2", "k3"))
-    need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
-    need(a.kl_clamp >= 0, "algo.kl_clamp", "must be >= 0 (0 = off)")
-    need(a.entropy_coef >= 0, "algo.entropy_coef", "must be >= 0")
-    one_of("algo.old_logp_source", ("trainer", "sampler"))
-    need(a.dynamic_sampling_max_batches >= 1, "algo.dynamic_sampling_max_batches", "must be >= 1")
+    for key, field in FIELDS.items():
+        problem = field.problem(_get(config, key))
+        need(problem is None, key, problem or "")
+    method = methods.from_config(config) if config.algo.intervention in methods.names() else None
+    if method is not None:  # only the selected method's settings are range-checked
+        method.check_settings(need)
+        method.validate(config, need, one_of)
 
-    _validate_intervention(config, need, one_of)
-
-    need(r.n >= 1, "rollout.n", "must be >= 1")
-    need(
-        r.temperature >= MIN_TEMPERATURE,
-        "rollout.temperature",
-        f"must be >= {MIN_TEMPERATURE:g} (below, the 1/T-scaled gradient overflows when squared)",
-    )
-    need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    need(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
-    need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    need(r.max_slots >= 1, "rollout.max_slots", "must be >= 1")
-    need(r.max_prefill_batch >= 1, "rollout.max_prefill_batch", "must be >= 1")
-    one_of("rollout.backend", ("engine", "jetstream"))
-
-    need(o.lr > 0, "optim.lr", "must be > 0")
-    need(0 <= o.b1 < 1, "optim.b1", "must be in [0, 1)")
-    need(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    one_of("optim.schedule", ("constant", "cosine"))
-    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
-
-    need(t.steps >= 1, "train.steps", "must be >= 1")
-    need(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
-    need(t.mini_batch_prompts >= 1, "train.mini_batch_prompts", "must be >= 1")
-    need(t.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
+    # What relates several fields.
+    r, t = config.rollout, config.train
     if t.prompts_per_step >= 1 and t.mini_batch_prompts >= 1:
         need(
             t.prompts_per_step % t.mini_batch_prompts == 0,
@@ -311,35 +187,11 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
         "train.micro_batch_sequences",
         f"must divide the mini-batch of mini_batch_prompts * rollout.n = {seqs} sequences",
     )
-    for key in ("eval_every", "checkpoint_every", "eval_max_prompts"):
-        need(t[key] >= 0, f"train.{key}", "must be >= 0 (0 = off)")
-    need(t.eval_n >= 1, "train.eval_n", "must be >= 1")
-    need(t.pack_buckets >= 1, "train.pack_buckets", "must be >= 1")
-    need(t.log_every >= 1, "train.log_every", "must be >= 1")
-    need(t.max_checkpoints >= 1, "train.max_checkpoints", "must be >= 1")
-    need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
-
-    one_of("model.dtype", ("float32", "bfloat16"))
-    one_of("model.param_dtype", ("float32", "bfloat16"))
-    one_of("model.remat", ("none", "full", "dots"))
-    need(config.model.logp_chunk >= 1, "model.logp_chunk", "must be >= 1")
-    one_of("model.logp_remat", ("auto", "on", "off"))
-    from jaxrlvr.models.attention import ATTENTION_BACKENDS
-
-    one_of("model.attention", ATTENTION_BACKENDS)
-    need(config.model.attention_block >= 1, "model.attention_block", "must be >= 1")
-    one_of("data.prompt_template", ("qwen_chat", "dapo", "raw"))
-    need(config.data.max_prompt_len >= 1, "data.max_prompt_len", "must be >= 1")
-    one_of("reward.name", ("math", "demo"))
-    need(config.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
-    need(config.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = auto)")
-    need(config.reward.batch_timeout_s >= 0, "reward.batch_timeout_s", "must be >= 0 (0 = off)")
     need(
-        0 <= config.reward.overlong_buffer < config.rollout.max_new_tokens,
+        0 <= config.reward.overlong_buffer < r.max_new_tokens,
         "reward.overlong_buffer",
-        f"must be in [0, rollout.max_new_tokens={config.rollout.max_new_tokens}) (0 = off)",
+        f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}) (0 = off)",
     )
-    need(config.reward.overlong_penalty >= 0, "reward.overlong_penalty", "must be >= 0")
 
     shape = tuple(config.mesh.shape)
     need(
@@ -369,17 +221,6 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
         # One problem: one line (the command lines print it as one `error:` line).
         sep = " " if len(errors) == 1 else "\n  "
         raise ConfigError("invalid config:" + sep + "\n  ".join(errors))
-
-
-def _validate_intervention(config, need, one_of) -> None:
-    one_of("algo.intervention", methods.names())
-    if config.algo.intervention in methods.names():
-        methods.from_config(config).validate(config, need, one_of)
-    need(
-        config.diagnostics.entropy_check_every >= 0,
-        "diagnostics.entropy_check_every",
-        "must be >= 0 (0 = off)",
-    )
 
 
 def model_numerics(config: ml_collections.ConfigDict) -> dict[str, object]:

@@ -401,3 +401,48 @@ def test_pos_adv_target_entropy_is_not_negative():
     with pytest.raises(ConfigError) as e:
         validate(c, files=False)
     assert error_keys(e.value) == ["algo.pos_adv.delta"]
+
+
+def test_every_field_is_declared_once_with_help_and_current_docs():
+    """The tree is built from the declarations; docs/config.md's tables are generated
+    from them (`python -m jaxrlvr.config_help --write_docs`) and must be current."""
+    from jaxrlvr import methods
+    from jaxrlvr.config_fields import FIELDS
+    from jaxrlvr.config_help import BEGIN, END, HELP, fields_markdown
+
+    declared = set(FIELDS) | {
+        f"algo.{name}.{key}" for name in methods.names() for key in methods.get(name).fields()
+    }
+    for preset in PRESET_NAMES:
+        assert set(flatten(base_config(preset).to_dict())) == declared, preset
+    assert all(HELP[key] for key in declared)
+    docs = (ROOT / "docs" / "config.md").read_text()
+    generated = docs.split(BEGIN + "\n\n", 1)[1].split("\n" + END, 1)[0]
+    assert generated == fields_markdown(), (
+        "docs/config.md is stale: run python -m jaxrlvr.config_help --write_docs"
+    )
+    for key in declared:
+        assert f"`{key}`" in generated or f"`{key.rsplit('.', 1)[-1]}`" in generated, key
+
+
+def test_field_declarations_check_and_word_their_ranges():
+    from jaxrlvr.fields import Field
+
+    dual = Field(10.0, "dual clip", must="> 1", special=(0, "off"))
+    assert [dual.problem(v) for v in (0, 1.5)] == [None, None]
+    assert dual.problem(1.0) == "must be 0 (off) or > 1"
+    assert dual.allowed() == "Must be 0 (off) or > 1."
+    clamp = Field(10.0, "clamp", must=">= 0", special=(0, "off"))
+    assert clamp.problem(-1.0) == "must be >= 0 (0 = off)"
+    unit = Field(0.5, "p", must="in (0, 1]")
+    assert [unit.problem(v) for v in (1.0, 1e-9)] == [None, None]
+    assert unit.problem(0.0) == unit.problem(float("nan")) == "must be in (0, 1]"
+    assert Field(0.9, "b1", must="in [0, 1)").problem(1.0) == "must be in [0, 1)"
+    assert Field(1, "n", must=">= 1").problem(True) == "must be >= 1"  # a bool is no count
+    mode = Field("a", "mode", choices=("a", "b"), doc="`a` or `b`")
+    assert mode.problem("c") == "must be one of a, b" and mode.allowed() == ""
+    assert Field("a", "mode", choices=("a", "b")).allowed() == "One of `a` \\| `b`."
+    with pytest.raises(ValueError, match="unknown range"):
+        Field(1, "x", must="at least 1")
+    with pytest.raises(ValueError, match="default 0 must be >= 1"):
+        Field(0, "x", must=">= 1")

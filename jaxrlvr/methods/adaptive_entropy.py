@@ -16,17 +16,32 @@ class AdaptiveEntropy(Method):
     name = "adaptive_entropy"
     summary = "an entropy bonus whose coefficient a controller steers toward a target entropy"
 
-    target: float = setting(0.2, "target entropy of the adaptive controller (nats)")
-    delta: float = setting(1e-4, "controller step of alpha per training step")
-    alpha_min: float = setting(0.0, "lower clip of alpha")
-    alpha_max: float = setting(0.005, "upper clip of alpha")
-    alpha0: float = setting(0.0, "initial alpha")
+    settings_doc = "Skywork-OR1's controller."
+
+    target: float = setting(
+        0.2,
+        "target entropy of the adaptive controller (nats)",
+        must="> 0",
+        doc="Target entropy (nats) for `H_hat = -token-mean(old_logp)` over the rollout "
+        "batch. The bonus `alpha * agg(H)` applies in a step only while H_hat < target.",
+    )
+    delta: float = setting(
+        1e-4,
+        "controller step of alpha per training step",
+        must=">= 0",
+        doc="Controller step: after each step alpha += delta if H_hat < target, else "
+        "alpha -= delta.",
+    )
+    alpha_min: float = setting(0.0, "lower clip of alpha", must=">= 0", doc="Lower clip of alpha.")
+    alpha_max: float = setting(
+        0.005, "upper clip of alpha", doc="Upper clip of alpha. Must be >= `alpha_min`."
+    )
+    alpha0: float = setting(
+        0.0, "initial alpha", doc="Initial alpha. Must be in [`alpha_min`, `alpha_max`]."
+    )
 
     def validate(self, config, need, one_of) -> None:
         key = "algo.adaptive_entropy."
-        need(self.target > 0, key + "target", "must be > 0")
-        need(self.delta >= 0, key + "delta", "must be >= 0")
-        need(self.alpha_min >= 0, key + "alpha_min", "must be >= 0")
         need(self.alpha_min <= self.alpha_max, key + "alpha_max", "must be >= alpha_min")
         need(
             self.alpha_min <= self.alpha0 <= self.alpha_max,

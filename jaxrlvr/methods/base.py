@@ -1,7 +1,8 @@
 """What an entropy method is, and the registry that names them.
 
 A method is a frozen dataclass whose fields are its settings (`config.algo.<name>.*`,
-each with its default and one line of help), registered under its name with
+each declared once with `setting`: default, allowed values, help, docs), registered
+under its name with
 `@register`. The GRPO update, the learner and the config reach a method only through
 the hooks below, so adding one is one module in this package (`jaxrlvr/methods/steer.py`
 is the worked example in docs/methods.md). Every hook that runs on device is pure and
@@ -18,15 +19,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlvr import losses
+from jaxrlvr.fields import Field
 
 Array = jax.Array
 Need = Callable[[bool, str, str], None]  # need(condition, key, message)
 OneOf = Callable[[str, tuple], None]  # one_of(key, choices)
 
 
-def setting(default: Any, help: str) -> Any:
-    """A method setting: its default and its one-line help (`--show_config`, docs)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, **declaration: Any) -> Any:
+    """A method setting, declared once: its default, one-line help and the rest of its
+    `jaxrlvr.fields.Field` (`must`, `choices`, `special`, `doc`)."""
+    field = Field(default, help, **declaration)
+    return dataclasses.field(default=default, metadata={"field": field})
 
 
 class TokenLoss(NamedTuple):
@@ -61,6 +65,7 @@ class Method:
 
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "plain GRPO (Clip-Higher is algo.eps_high > algo.eps_low)"
+    settings_doc: ClassVar[str] = ""  # docs/config.md's text above the settings table
 
     @classmethod
     def from_config(cls, algo: Any) -> Method:
@@ -72,15 +77,27 @@ class Method:
         return cls(**{f: sub[f] for f in fields})
 
     @classmethod
+    def fields(cls) -> dict[str, Field]:
+        """Each setting's declaration, in order."""
+        return {f.name: f.metadata["field"] for f in dataclasses.fields(cls)}
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        return {name: field.default for name, field in cls.fields().items()}
 
     @classmethod
     def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+        return {name: field.help for name, field in cls.fields().items()}
+
+    def check_settings(self, need: Need) -> None:
+        """Report each setting outside its declared values."""
+        for name, field in self.fields().items():
+            problem = field.problem(getattr(self, name))
+            need(problem is None, f"algo.{self.name}.{name}", problem or "")
 
     def validate(self, config: Any, need: Need, one_of: OneOf) -> None:
-        """Report each bad setting with `need(ok, key, message)` (keys below `algo.`)."""
+        """Report what the declarations cannot: settings that must agree with each other
+        or with the rest of the config (`need(ok, key, message)`)."""
 
     def inert(self, config: Any, num_epochs: int | None) -> list[str]:
         """Warnings for settings that cannot act in this run."""

@@ -15,12 +15,22 @@ class ClipCov(Method):
     name = "clip_cov"
     summary = "detach a random ratio of the tokens whose covariance lies in (lb, ub)"
 
-    ratio: float = setting(2e-4, "fraction of tokens detached among the covariance candidates")
-    lb: float = setting(1.0, "candidates have covariance > lb")
-    ub: float = setting(5.0, "candidates have covariance < ub")
+    settings_doc = "The selection is made per micro-batch, as in the reference code."
+
+    ratio: float = setting(
+        2e-4,
+        "fraction of tokens detached among the covariance candidates",
+        must="in (0, 1]",
+        doc="Detach `max(1, floor(ratio * N_valid))` random tokens among the candidates.",
+    )
+    lb: float = setting(
+        1.0,
+        "candidates have covariance > lb",
+        doc="Candidates: `lb < cov < ub`, not PPO-clipped, valid.",
+    )
+    ub: float = setting(5.0, "candidates have covariance < ub", doc="Must be > `lb`.")
 
     def validate(self, config, need, one_of) -> None:
-        need(0 < self.ratio <= 1, "algo.clip_cov.ratio", "must be in (0, 1]")
         need(self.lb < self.ub, "algo.clip_cov.ub", "must be > algo.clip_cov.lb")
 
     def token_loss(self, key, logp, mb, adv, inputs, s):

@@ -19,10 +19,14 @@ class Gspo(Method):
     name = "gspo"
     summary = "the PPO clip on each sequence's importance ratio (GSPO)"
 
-    log_ratio_cap: float = setting(10.0, "upper bound of the sequence log-ratio (verl: 10)")
+    settings_doc = "The clip range is `algo.eps_low` / `algo.eps_high`."
 
-    def validate(self, config, need, one_of) -> None:
-        need(self.log_ratio_cap > 0, "algo.gspo.log_ratio_cap", "must be > 0")
+    log_ratio_cap: float = setting(
+        10.0,
+        "upper bound of the sequence log-ratio (verl: 10)",
+        must="> 0",
+        doc="Upper bound of each token's copy of the sequence log-ratio (verl's clamp).",
+    )
 
     def inert(self, config, num_epochs):
         a, out = config.algo, []

@@ -18,12 +18,20 @@ class KLCov(Method):
     name = "kl_cov"
     summary = "penalise |logp - old_logp| on the tokens of largest covariance"
 
-    ratio: float = setting(2e-3, "fraction of tokens with the highest covariance penalised")
-    kl_coef: float = setting(1.0, "weight of |logp - old_logp| on the selected tokens")
+    settings_doc = "No ratio clipping (`l = -A r`); the selection is per micro-batch."
 
-    def validate(self, config, need, one_of) -> None:
-        need(0 < self.ratio <= 1, "algo.kl_cov.ratio", "must be in (0, 1]")
-        need(self.kl_coef >= 0, "algo.kl_cov.kl_coef", "must be >= 0")
+    ratio: float = setting(
+        2e-3,
+        "fraction of tokens with the highest covariance penalised",
+        must="in (0, 1]",
+        doc="Penalise the top `max(1, floor(ratio * N_valid))` tokens by cov.",
+    )
+    kl_coef: float = setting(
+        1.0,
+        "weight of |logp - old_logp| on the selected tokens",
+        must=">= 0",
+        doc="Penalty `kl_coef * abs(logp - old_logp)` on those tokens.",
+    )
 
     def token_loss(self, key, logp, mb, adv, inputs, s):
         loss, selected = losses.kl_cov_token_loss(

@@ -23,23 +23,58 @@ class PosAdv(Method):
     name = "pos_adv"
     summary = "weigh positive- and negative-advantage tokens apart, with a lambda schedule"
 
-    schedule: str = setting("constant", " | ".join(SCHEDULES))
-    lam: float = setting(1.0, "lambda of the constant schedule (weight of A > 0 tokens)")
-    neg_weight: float = setting(1.0, "weight of A < 0 tokens")
-    delta: float = setting(0.2, "entropy_guided: target entropy (>= 0)")
-    step: float = setting(0.05, "entropy_guided: lambda increment per step")
-    lam0: float = setting(0.0, "entropy_guided: initial lambda")
-    ratio: float = setting(2e-4, "rand_pos_clip: fraction of A > 0 tokens zeroed")
+    settings_doc = (
+        "Weight lambda on A > 0 tokens. `stage`: lambda = 0 for the first half of "
+        "`train.steps`, then linear up to 1 at the last step. `epoch`: lambda = (e - 1) / "
+        "(E - 1) for data epoch e of E = ceil(steps / batches_per_epoch)."
+    )
 
-    def validate(self, config, need, one_of) -> None:
-        key = "algo.pos_adv."
-        one_of(key + "schedule", SCHEDULES)
-        need(0 <= self.lam <= 1, key + "lam", "must be in [0, 1]")
-        need(0 <= self.lam0 <= 1, key + "lam0", "must be in [0, 1]")
-        need(self.neg_weight >= 0, key + "neg_weight", "must be >= 0")
-        need(self.delta >= 0, key + "delta", "must be >= 0 (a target entropy)")
-        need(self.step > 0, key + "step", "must be > 0")
-        need(0 < self.ratio <= 1, key + "ratio", "must be in (0, 1]")
+    schedule: str = setting(
+        "constant",
+        " | ".join(SCHEDULES),
+        choices=SCHEDULES,
+        doc=" \\| ".join(f"`{s}`" for s in SCHEDULES) + ". `configs/pos_adv.py` sets it "
+        "from its argument (default `entropy_guided`).",
+    )
+    lam: float = setting(
+        1.0,
+        "lambda of the constant schedule (weight of A > 0 tokens)",
+        must="in [0, 1]",
+        doc='lambda of `constant`. `0` is the "Adv<=0 only" ablation.',
+    )
+    neg_weight: float = setting(
+        1.0,
+        "weight of A < 0 tokens",
+        must=">= 0",
+        doc="Weight of A < 0 tokens (all schedules except `rand_pos_clip`). `0` with "
+        '`lam=1` is the "Adv>=0 only" ablation.',
+    )
+    delta: float = setting(
+        0.2,
+        "entropy_guided: target entropy",
+        must=">= 0",
+        doc="`entropy_guided`: target entropy. After each step, lambda -= step if that "
+        "step's `entropy` < delta, else lambda += step, clipped to [0, 1].",
+    )
+    step: float = setting(
+        0.05,
+        "entropy_guided: lambda increment per step",
+        must="> 0",
+        doc="`entropy_guided` increment.",
+    )
+    lam0: float = setting(
+        0.0,
+        "entropy_guided: initial lambda",
+        must="in [0, 1]",
+        doc="`entropy_guided` initial lambda.",
+    )
+    ratio: float = setting(
+        2e-4,
+        "rand_pos_clip: fraction of A > 0 tokens zeroed",
+        must="in (0, 1]",
+        doc="`rand_pos_clip`: zero the weight of `max(1, floor(ratio * N_valid))` random "
+        "A > 0 tokens per micro-batch.",
+    )
 
     def inert(self, config, num_epochs):
         steps, out = config.train.steps, []

@@ -20,14 +20,30 @@ class Steer(Method):
     name = "steer"
     summary = "token weights in [lambda_min, lambda_max] from each token's entropy change"
 
-    lambda_min: float = setting(0.8, "smallest STEER token weight")
-    lambda_max: float = setting(1.0, "largest weight of the linear variant")
-    linear: bool = setting(False, "linear (True) or exponential (False) weights")
-    norm_sequences: int = setting(8, "sequences per normalisation group (divides the micro-batch)")
+    lambda_min: float = setting(
+        0.8, "smallest STEER token weight", must="in (0, 1]", doc="Smallest token weight."
+    )
+    lambda_max: float = setting(
+        1.0,
+        "largest weight of the linear variant",
+        doc="Largest weight of the linear variant. Not used by the exponential variant. "
+        "Must be >= `lambda_min`.",
+    )
+    linear: bool = setting(
+        False,
+        "linear (True) or exponential (False) weights",
+        doc="`False`: exponential weights. `True`: linear weights (`configs/steer.py:linear` "
+        "also sets `lambda_max=1.2`).",
+    )
+    norm_sequences: int = setting(
+        8,
+        "sequences per normalisation group (divides the micro-batch)",
+        doc="Max/min of Omega are taken over groups of this many consecutive sequences. "
+        "Must be >= 1 and divide `train.micro_batch_sequences`.",
+    )
 
     def validate(self, config, need, one_of) -> None:
         key, micro = "algo.steer.", config.train.micro_batch_sequences
-        need(0 < self.lambda_min <= 1, key + "lambda_min", "must be in (0, 1]")
         need(self.lambda_max >= self.lambda_min, key + "lambda_max", "must be >= lambda_min")
         need(
             self.norm_sequences >= 1 and micro % self.norm_sequences == 0,
