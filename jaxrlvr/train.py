@@ -32,7 +32,6 @@ from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
@@ -50,10 +49,15 @@ from jaxrlvr.rl.rollouts import (
     stop_token_ids,
 )
 from jaxrlvr.runtime import distributed
-from jaxrlvr.runtime.checkpointing import Checkpointer, CheckpointError, StateMismatch
-from jaxrlvr.runtime.metrics import MetricsWriter, StepPace, StepTimer, console_line
+from jaxrlvr.runtime.checkpointing import (
+    Checkpointer,
+    CheckpointError,
+    StateMismatch,
+    split_pending_row,
+)
+from jaxrlvr.runtime.metrics import MetricsWriter, Progress
 from jaxrlvr.runtime.record import CONFIG_FILE, config_changes, config_in_force, record_config
-from jaxrlvr.runtime.signals import Abandoned, StopSignals
+from jaxrlvr.runtime.signals import StopSignals
 from jaxrlvr.runtime.workdir_lock import WorkdirLock
 from jaxrlvr.sampling import Engine
 from jaxrlvr.sharding import make_mesh
@@ -63,7 +67,6 @@ log = logging.getLogger("jaxrlvr.train")
 
 CONSOLE_KEYS = ("reward_mean", "accuracy", "entropy", "response_length_mean", "pg_clipfrac")
 EVAL_STREAM = 1_000_003  # seeds of eval sampling, apart from the rollouts' attempts
-PENDING_ROW = "pending_row"  # a checkpoint's metrics row still waiting for its evaluation
 
 
 class NonFiniteError(RuntimeError):
@@ -242,7 +245,7 @@ class Trainer:
             return
         step, state, data_state = found
         self.learner.set_state(state)
-        self.pending_row = data_state.pop(PENDING_ROW, None)
+        data_state, self.pending_row = split_pending_row(data_state)
         self.data_iter.set_state(data_state)
         self.start_step = step
         log.info("resumed from %s at step %d", self.checkpointer.directory, step)
@@ -265,119 +268,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        timer = StepTimer()
+    def collect(self, step: int) -> tuple[dict, dict[str, Any]]:
+        """The step's rollouts (weights synced to the engine, sampled, scored): arrays and
+        their metrics. Nothing of it is kept if a stop signal cuts it short."""
         t0 = time.perf_counter()
-        with timer("rollout"), self.signals.abandonable():
-            self.engine.update_params(self.state.params)
-            arrays, info = self.rollouts.collect(step, self.data_iter)
-        with timer("update"):
-            every = self.config.diagnostics.entropy_check_every
-            check = bool(every) and step % every == 0
-            metrics = self.learner.step(arrays, info["epoch"], check)
-        metrics = info | metrics
-        metrics["time_rollout"] = timer.times["rollout"]
-        metrics["time_update"] = timer.times["update"]
-        metrics["time_step"] = time.perf_counter() - t0
-        metrics["tokens_per_s"] = info["generated_tokens"] / metrics["time_step"]
-        return metrics
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """The eval metrics (`jaxrlvr.study.evaluation`) of the current policy on every eval set."""
         self.engine.update_params(self.state.params)
+        arrays, info = self.rollouts.collect(step, self.data_iter)
+        return arrays, info | {"time_rollout": time.perf_counter() - t0}
+
+    def learn(self, step: int, rollout: tuple[dict, dict[str, Any]]) -> dict[str, Any]:
+        """The step's updates on its rollouts; counts skipped updates and stops a run
+        that keeps skipping (`NonFiniteError`)."""
+        c = self.config
+        arrays, info = rollout
         t0 = time.perf_counter()
-        seed = derive_seed(self.config.seed, step, EVAL_STREAM)
-        samples, (errors, timeouts) = self.evaluator.sample(seed)
-        return flat_eval_metrics(self.evaluator.metrics(samples)) | {
-            "eval_reward_errors": errors,
-            "eval_reward_timeouts": timeouts,
-            "time_eval": time.perf_counter() - t0,
-        }
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(self) -> None:
-        """Train to `train.steps`, then export. Raises `Preempted` after a stop signal
-        (with the last completed step saved), `NonFiniteError` when updates keep failing,
-        `CheckpointError` when a save fails."""
-        c = self.config
-        steps = c.train.steps
-        if self.start_step >= steps:
-            log.info("training already finished at step %d (%s)", self.start_step, self.workdir)
-        bar = tqdm(  # on a terminal only: in a log file the console lines show progress
-            total=steps,
-            initial=self.start_step,
-            desc="train",
-            unit="step",
-            disable=not c.train.progress or jax.process_index() != 0 or not sys.stderr.isatty(),
-        )
-        pace = StepPace()
-        step = self.start_step
-        data_state = self.data_iter.get_state()  # the data position after `step`
-        try:
-            with self.signals:
-                if self.pending_row is not None:  # a step whose evaluation a signal cut short
-                    self._finish_row(step, self.pending_row, data_state)
-                elif self.start_step == 0 and self.evaluator is not None:
-                    self._finish_row(0, {}, data_state)  # the base policy
-                for step in range(self.start_step + 1, steps + 1):
-                    self.checkpointer.check_for_errors()  # a failed save stops the run here
-                    try:
-                        metrics = self._step(step)
-                    except Abandoned:
-                        step -= 1  # the step is redone on resume
-                        break
-                    data_state = self.data_iter.get_state()
-                    self._finish_row(step, metrics, data_state)
-                    seconds_per_step = pace.step_done(step)
-                    bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
-                    )
-                    if (
-                        step % c.train.log_every == 0 or step == steps
-                    ) and jax.process_index() == 0:
-                        line = console_line(step, steps, metrics, CONSOLE_KEYS, seconds_per_step)
-                        bar.write(line)
-                    every = c.train.checkpoint_every
-                    if step == steps or (every and step % every == 0):
-                        self._save(step, data_state)
-                    if self.signals.should_stop():
-                        break
-                if self.signals.should_stop():
-                    self._save(step, data_state)
-                    self.checkpointer.wait()
-                    raise self._preempted(step)
-                self.checkpointer.wait()
-            self.export()
-        finally:
-            bar.close()
-            with contextlib.suppress(CheckpointError):  # raised above if it matters
-                self.checkpointer.wait()  # a save in flight becomes durable
-            self.metrics.close()
-            self.rollouts.reward_fn.close()
-            self.close()
-
-    def _finish_row(self, step: int, metrics: dict[str, Any], data_state: dict) -> None:
-        """Evaluate where due, then write the step's row. A stop signal during the
-        evaluation saves the step with its row pending; the resumed run evaluates it (with
-        the same seeds) and writes the row then, so no metric is lost."""
-        c = self.config
-        due = step == 0 or step == c.train.steps or step % max(c.train.eval_every, 1) == 0
-        if self.evaluator is not None and due and c.train.eval_every:
-            try:
-                with self.signals.abandonable():
-                    metrics = metrics | self.evaluate(step)
-            except Abandoned:
-                log.warning("step %d: evaluation cut short; it runs again on resume", step)
-                self._save(step, data_state, pending_row=metrics)
-                raise self._preempted(step) from None
-        self.metrics.write(step, metrics)
-
-    def _step(self, step: int) -> dict[str, Any]:
-        """One training step; counts skipped updates and stops a run that keeps skipping."""
-        c = self.config
-        metrics = self.train_step(step)
+        every = c.diagnostics.entropy_check_every
+        metrics = info | self.learner.step(arrays, info["epoch"], bool(every) and step % every == 0)
+        metrics["time_update"] = time.perf_counter() - t0
+        metrics["time_step"] = metrics["time_rollout"] + metrics["time_update"]
+        metrics["tokens_per_s"] = info["generated_tokens"] / metrics["time_step"]
         if metrics["skipped_updates"]:
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -401,6 +310,84 @@ class Trainer:
             )
         return metrics
 
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The eval metrics (`jaxrlvr.study.evaluation`) of the current policy on every eval set."""
+        self.engine.update_params(self.state.params)
+        t0 = time.perf_counter()
+        seed = derive_seed(self.config.seed, step, EVAL_STREAM)
+        samples, (errors, timeouts) = self.evaluator.sample(seed)
+        return flat_eval_metrics(self.evaluator.metrics(samples)) | {
+            "eval_reward_errors": errors,
+            "eval_reward_timeouts": timeouts,
+            "time_eval": time.perf_counter() - t0,
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Train to `train.steps`, then export. Raises `Preempted` after a stop signal
+        (with the last completed step saved), `NonFiniteError` when updates keep failing,
+        `CheckpointError` when a save fails."""
+        c, steps = self.config, self.config.train.steps
+        if self.start_step >= steps:
+            log.info("training already finished at step %d (%s)", self.start_step, self.workdir)
+        progress = Progress(
+            steps,
+            self.start_step,
+            log_every=c.train.log_every,
+            bar=c.train.progress,
+            keys=CONSOLE_KEYS,
+        )
+        step, data_state = self.start_step, self.data_iter.get_state()
+        try:
+            with self.signals:
+                if self.pending_row is not None:  # a step whose evaluation a signal cut short
+                    self._write_row(step, self.pending_row, data_state)
+                elif step == 0 and self.evaluator is not None:
+                    self._write_row(0, {}, data_state)  # the base policy
+                for step in range(self.start_step + 1, steps + 1):
+                    self.checkpointer.check_for_errors()  # a failed save stops the run here
+                    rollout = self.signals.attempt(self.collect, step)
+                    if rollout is None:  # cut short by a stop signal: redone on resume
+                        step -= 1
+                        break
+                    metrics = self.learn(step, rollout)
+                    data_state = self.data_iter.get_state()
+                    self._write_row(step, metrics, data_state)
+                    progress.step_done(step, metrics)
+                    every = c.train.checkpoint_every
+                    if step == steps or (every and step % every == 0):
+                        self._save(step, data_state)
+                    if self.signals.should_stop():
+                        break
+                if self.signals.should_stop():
+                    self._save(step, data_state)
+                    raise self._preempted(step)
+                self.checkpointer.wait()
+            self.export()
+        finally:
+            progress.close()
+            with contextlib.suppress(CheckpointError):  # raised above if it matters
+                self.checkpointer.wait()  # a save in flight becomes durable
+            self.metrics.close()
+            self.rollouts.reward_fn.close()
+            self.close()
+
+    def _write_row(self, step: int, metrics: dict[str, Any], data_state: dict) -> None:
+        """Evaluate where due, then write the step's row. A stop signal during the
+        evaluation saves the step with its row pending; the resumed run evaluates it (with
+        the same seeds) and writes the row then, so no metric is lost."""
+        c = self.config
+        due = step == 0 or step == c.train.steps or step % max(c.train.eval_every, 1) == 0
+        if self.evaluator is not None and due and c.train.eval_every:
+            evaluation = self.signals.attempt(self.evaluate, step)
+            if evaluation is None:
+                log.warning("step %d: evaluation cut short; it runs again on resume", step)
+                self._save(step, data_state, pending_row=metrics)
+                raise self._preempted(step)
+            metrics = metrics | evaluation
+        self.metrics.write(step, metrics)
+
     def _save(self, step: int, data_state: dict[str, Any], pending_row: dict | None = None):
         """Checkpoint `step` (once), refusing a non-finite state."""
         if step == 0 or step in self.checkpointer.all_steps():
@@ -408,8 +395,7 @@ class Trainer:
         self._check_processes_agree()
         if not self.learner.params_finite():
             raise NonFiniteError(f"step {step}: the parameters are not finite; not saving them")
-        extra = {PENDING_ROW: pending_row} if pending_row is not None else {}
-        self.checkpointer.save(step, self.state, data_state | extra)
+        self.checkpointer.save(step, self.state, data_state, pending_row)
 
     def _preempted(self, step: int) -> Preempted:
         signum = self.signals.received

@@ -34,10 +34,10 @@ from jaxrlvr.runtime.checkpointing import Checkpointer
 def slow_save():
     save = Checkpointer.save
 
-    def slow(self, step, state, data_state):
+    def slow(self, step, state, data_state, pending_row=None):
         open(os.environ["FAULT_MARKER"], "w").close()
         time.sleep(3.0)
-        save(self, step, state, data_state)
+        save(self, step, state, data_state, pending_row)
 
     Checkpointer.save = slow
 

@@ -352,17 +352,17 @@ def test_end_to_end_and_resume(tiny_policy, tmp_path, monkeypatch):
 
     # Interrupt a second run after step 3 (checkpoint at step 2), then rerun: same metrics.
     part = tmp_path / "part"
-    original = train.Trainer.train_step
+    original = train.Trainer.collect
 
     def crash_at_3(self, step):
         if step == 3:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(train.Trainer, "train_step", crash_at_3)
+    monkeypatch.setattr(train.Trainer, "collect", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
         train.Trainer(tiny_config(tiny_policy, part, **kw)).run()
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    monkeypatch.setattr(train.Trainer, "collect", original)
     resumed = train.Trainer(tiny_config(tiny_policy, part, **kw))
     assert resumed.start_step == 2
     resumed.run()

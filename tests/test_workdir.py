@@ -36,7 +36,7 @@ import os, sys, time
 from absl import app
 from jaxrlvr import train
 
-train_step = train.Trainer.train_step
+collect = train.Trainer.collect
 
 def gated(self, step):
     if step == 2:
@@ -44,9 +44,9 @@ def gated(self, step):
         deadline = time.monotonic() + 300
         while not os.path.exists(os.environ["GATE"]) and time.monotonic() < deadline:
             time.sleep(0.05)
-    return train_step(self, step)
+    return collect(self, step)
 
-train.Trainer.train_step = gated
+train.Trainer.collect = gated
 train.define_flags()
 app.run(train.main, argv=sys.argv, flags_parser=train.parse_flags)
 """

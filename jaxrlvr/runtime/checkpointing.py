@@ -58,6 +58,15 @@ _READ_FAILURES = frozenset({
 })  # fmt: skip
 
 
+PENDING_ROW = "pending_row"  # in a checkpoint's data state: a row awaiting its evaluation
+
+
+def split_pending_row(data_state: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+    """A restored data state without its pending metrics row, and the row (or None)."""
+    data_state = dict(data_state)
+    return data_state, data_state.pop(PENDING_ROW, None)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the step and the cause."""
 
@@ -101,10 +110,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    def save(
+        self, step: int, state: Any, data_state: dict[str, Any], pending_row: dict | None = None
+    ) -> None:
         """Save asynchronously; a checkpoint only becomes visible once complete. The
-        previous save must have succeeded (else `CheckpointError` names its step)."""
+        previous save must have succeeded (else `CheckpointError` names its step).
+        `pending_row` is the step's metrics row when its evaluation was cut short: the
+        resumed run evaluates the step and writes the row (`split_pending_row`)."""
         self.wait()
+        if pending_row is not None:
+            data_state = data_state | {PENDING_ROW: pending_row}
         with self._failure_of(step):
             self._mngr.save(
                 step,

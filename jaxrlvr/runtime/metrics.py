@@ -6,8 +6,12 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any
+
+import jax
+from tqdm.auto import tqdm
 
 from jaxrlvr.runtime.record import write_atomic
 
@@ -85,23 +89,34 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class StepTimer:
-    """Wall-clock sections of a step (`with timer('rollout'): ...`)."""
+class Progress:
+    """A run's progress on the console: a tqdm bar (on a terminal only, process 0) and,
+    every `log_every` steps and at the last, a line with the rate, the ETA and `keys`
+    (written through the bar, so a log file holds whole lines and no bar frames)."""
 
-    def __init__(self):
-        self.times: dict[str, float] = {}
+    def __init__(self, total: int, start: int, *, log_every: int, bar: bool, keys: tuple):
+        self.total, self.log_every, self.keys = total, log_every, keys
+        self.main = jax.process_index() == 0
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=not bar or not self.main or not sys.stderr.isatty(),
+        )
+        self.pace = StepPace()
 
-    def __call__(self, name: str):
-        timer = self
+    def step_done(self, step: int, metrics: dict[str, Any]) -> None:
+        seconds_per_step = self.pace.step_done(step)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics['entropy']:.3f}"
+        )
+        if self.main and (step % self.log_every == 0 or step == self.total):
+            self.bar.write(console_line(step, self.total, metrics, self.keys, seconds_per_step))
 
-        class _Section:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Section()
+    def close(self) -> None:
+        self.bar.close()
 
 
 class StepPace:

@@ -1,8 +1,8 @@
 """Stop signals of a run: SIGTERM (TPU preemption, `scancel`) and SIGINT (Ctrl-C).
 
-`StopSignals` is installed around the training loop; `abandonable()` marks work that a
-signal may cut short because it is redone on resume (rollouts, evaluation), by raising
-`Abandoned` there.
+`StopSignals` is installed around the training loop; `attempt(fn, ...)` runs work that a
+signal may cut short because it is redone on resume (rollouts, evaluation) and returns
+None when it was.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
 from jaxrlvr.runtime import distributed
 
+T = TypeVar("T")
 log = logging.getLogger("jaxrlvr.train")  # the trainer's log: its stop lines belong there
 
 
@@ -64,9 +66,18 @@ class StopSignals:
         self.received = self.received or next((int(f) for f in every if f), None)
         return self.received is not None
 
+    def attempt(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """`fn(*args)`, or None when a stop signal cut it short (nothing of it is kept;
+        with several processes nothing is cut short)."""
+        try:
+            with self.abandonable():
+                return fn(*args)
+        except Abandoned:
+            return None
+
     @contextlib.contextmanager
     def abandonable(self):
-        """A stretch of work a stop signal may cut short (nothing in it is kept)."""
+        """A stretch of work a stop signal may cut short by raising `Abandoned`."""
         self._abandonable = jax.process_count() == 1
         try:
             if self.received is not None and self._abandonable:
