@@ -525,6 +525,17 @@ FIELDS: dict[str, Field] = {
         "More buckets pad less and may compile more variants (each compiled once, when a "
         "batch first needs it).",
     ),
+    "train.single_pass": Field(
+        True,
+        "one update per step: old log-probs from the update's own forward pass",
+        doc="With exactly one optimizer update per step (`prompts_per_step = "
+        "mini_batch_prompts`, `ppo_epochs = 1`) and `algo.old_logp_source=trainer`, the old "
+        "log-probs and entropies are the update's own under stop_gradient (ratio 1, the same "
+        "loss and gradients, as verl and Tunix run on-policy), and the separate old-policy "
+        "pass is skipped; every metric and method reads them from that pass. Not with "
+        "`adaptive_entropy`, whose controller needs the entropy estimate before the update. "
+        "`False` always runs the separate pass. `python -m jaxrlvr.plan` shows which.",
+    ),
     "train.eval_every": Field(
         10,
         "steps between evaluations (and the last step); 0 = never",

@@ -321,6 +321,8 @@ class Planner:
             ref = next((r for r in rows if r.name == "policy_pass"), None)
             if ref is not None:
                 rows.append(dataclasses.replace(ref, name="reference_pass", compile_s=0.0))
+        if s.old_from_update and only is None:  # the update computes the old log-probs
+            rows = [r for r in rows if r.name != "policy_pass"]
         return rows
 
     def _engine_params(self):

@@ -24,7 +24,8 @@ RUNS = [(name, None) for name in CONFIG_FILES] + [
 VOLATILE = ("time_", "tokens_per_s", "seconds")
 
 
-def run(name: str, arg: str | None, workdir: Path) -> list[dict]:
+def run(name: str, arg: str | None, workdir: Path, **changes) -> list[dict]:
+    """The metrics rows of one step of `name:arg` (with `changes` to the overrides)."""
     from jaxrlvr.runtime.metrics import read_metrics
     from jaxrlvr.train import Trainer
 
@@ -38,7 +39,7 @@ def run(name: str, arg: str | None, workdir: Path) -> list[dict]:
     }  # fmt: skip
     if c.algo.intervention == "adaptive_entropy":  # below the target: the bonus acts
         overrides["algo.adaptive_entropy.target"] = 0.5
-    c.update_from_flattened_dict(overrides)
+    c.update_from_flattened_dict(overrides | changes)
     Trainer(c).run()
     return [
         {k: v for k, v in row.items() if not any(s in k for s in VOLATILE)}
@@ -50,7 +51,7 @@ def run_all(root: Path) -> dict[str, list[dict]]:
     return {f"{name}:{arg or ''}": run(name, arg, root / f"{name}-{arg}") for name, arg in RUNS}
 
 
-def differences(got: dict, want: dict, rtol: float = 1e-6) -> list[str]:
+def differences(got: dict, want: dict, rtol: float = 1e-6, atol: float = 0.0) -> list[str]:
     out = []
     for run_name in sorted(set(got) | set(want)):
         a, b = got.get(run_name), want.get(run_name)
@@ -62,16 +63,62 @@ def differences(got: dict, want: dict, rtol: float = 1e-6) -> list[str]:
                 x, y = row_a.get(key), row_b.get(key)
                 same = x == y or (
                     isinstance(x, float) and isinstance(y, float)
-                    and abs(x - y) <= rtol * max(abs(x), abs(y), 1e-30)
+                    and abs(x - y) <= atol + rtol * max(abs(x), abs(y), 1e-30)
                 )  # fmt: skip
                 if not same:
                     out.append(f"{run_name} step {row_a.get('step')}: {key} {x!r} != {y!r}")
     return out
 
 
+def single_pass_differences(root: Path) -> list[str]:
+    """Every configs/*.py with one update per step, once with the old log-probs from the
+    update's own pass (`train.single_pass`) and once with the separate old-policy pass:
+    the differences of their metrics (1e-6 relative, or 5e-8 absolute for values that are
+    0 up to float32 rounding: `approx_kl`, `sampler_logp_abs_diff`, a loss whose
+    advantages sum to 0) and trained parameters.
+
+    The two passes' log-probs differ by rounding (~1e-7), which AdamW's first update
+    (each parameter moves by lr * g / (|g| + 1e-8)) turns into differences of a few
+    percent of lr where a gradient is ~1e-8 (4% measured): parameters are compared to
+    10% of `optim.lr`, gradients by `grad_norm` at 1e-6. KL-Cov runs with its penalty off: at logp == old_logp
+    its |logp - old_logp| has gradient 0 in one pass, and a rounding-noise sign in two
+    (`test_kl_cov_penalty_is_flat_on_policy`)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from jaxrlvr.rl.grpo import single_pass
+
+    one_update = {"train.prompts_per_step": 8, "train.mini_batch_prompts": 8}
+    out = []
+    for name in CONFIG_FILES:
+        c = get_config(name)
+        changes = one_update | ({"algo.kl_cov.kl_coef": 0.0} if name == "kl_cov.py" else {})
+        c.update_from_flattened_dict(changes)
+        uses = single_pass(c)
+        if uses == (c.algo.intervention == "adaptive_entropy"):
+            out.append(f"{name}: single_pass(config) is {uses}")
+        runs, params = {}, {}
+        for fused in (True, False):
+            workdir = root / f"{name}-{fused}"
+            runs[fused] = run(name, None, workdir, **changes, **{"train.single_pass": fused})
+            params[fused] = load_file(str(workdir / "hf" / "model.safetensors"))
+        out += differences({name: runs[True]}, {name: runs[False]}, atol=5e-8)
+        lr = runs[True][-1]["lr"]
+        for key, a in params[True].items():
+            b = params[False][key]
+            if not np.allclose(a, b, rtol=0.0, atol=0.1 * lr):
+                out.append(f"{name}: parameter {key} differs by {np.max(np.abs(a - b)):.3g}")
+    return out
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] not in (["--write"], ["--check"]):
-        sys.exit("usage: python tests/method_runs.py --write | --check")
+    if sys.argv[1:] not in (["--write"], ["--check"], ["--single-pass"]):
+        sys.exit("usage: python tests/method_runs.py --write | --check | --single-pass")
+    if sys.argv[1] == "--single-pass":
+        with tempfile.TemporaryDirectory() as tmp:
+            diffs = single_pass_differences(Path(tmp))
+        print("\n".join(diffs) or f"{len(CONFIG_FILES)} configs: one pass == two passes")
+        sys.exit(1 if diffs else 0)
     with tempfile.TemporaryDirectory() as tmp:
         runs = json.loads(json.dumps(run_all(Path(tmp))))
     if sys.argv[1] == "--write":

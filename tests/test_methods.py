@@ -65,6 +65,41 @@ def test_training_metrics_of_every_config_unchanged():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
 
 
+def test_single_pass_step_equals_the_two_pass_step():
+    """With one update per step the old log-probs come from the update's own forward pass
+    (no separate old-policy pass): every configs/*.py gives the metrics and parameters of
+    the two-pass step (1e-6), adaptive_entropy keeping its pass."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "method_runs.py"), "--single-pass"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+
+
+def test_kl_cov_penalty_is_flat_on_policy():
+    """At logp == old_logp (the on-policy update) KL-Cov's |logp - old_logp| term adds
+    nothing to the gradient (torch's abs, as in verl): only -A r's gradient remains."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrlvr import losses
+
+    rng = np.random.default_rng(0)
+    logp = jnp.asarray(-rng.random((4, 6)), jnp.float32)
+    adv = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    mask = jnp.ones((4, 6), jnp.float32)
+
+    def total(lp, coef):
+        loss, selected = losses.kl_cov_token_loss(lp, logp, adv, mask, ratio=0.5, kl_coef=coef)
+        return jnp.sum(loss), selected
+
+    (_, selected), grad = jax.value_and_grad(total, has_aux=True)(logp, 1.0)
+    assert float(jnp.sum(selected)) > 0
+    np.testing.assert_allclose(grad, jax.grad(lambda lp: total(lp, 0.0)[0])(logp), rtol=1e-6)
+    np.testing.assert_allclose(grad, -adv, rtol=1e-6)  # d(-A exp(lp - old))/d lp at lp = old
+
+
 def gspo_numpy(logp, old_logp, adv, mask, eps_low, eps_high, cap=10.0):
     """verl's compute_policy_loss_gspo in NumPy (float64): per-token loss, clip flags, and
     d loss / d logp (the straight-through ratio's gradient is the ratio itself)."""

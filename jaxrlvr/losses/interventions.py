@@ -175,7 +175,10 @@ def kl_cov_token_loss(
     d = log_ratio(logp, old_logp)
     loss = -adv * jnp.exp(d)
     selected = kl_cov_select(token_covariance(logp, adv, mask), mask, ratio=ratio)
-    abs_kl = jnp.abs(jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32))
+    diff = jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32)
+    # |diff| with subgradient 0 at 0, as torch's abs (verl): on-policy, where the old
+    # log-probs are the current ones, the penalty pulls nowhere.
+    abs_kl = jnp.where(diff == 0, 0.0, jnp.abs(diff))
     return loss + selected * kl_coef * abs_kl, selected
 
 

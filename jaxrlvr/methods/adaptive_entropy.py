@@ -17,6 +17,7 @@ class AdaptiveEntropy(Method):
     summary = "an entropy bonus whose coefficient a controller steers toward a target entropy"
 
     settings_doc = "Skywork-OR1's controller."
+    reads_entropy_estimate = True  # the bonus is on only while H_hat < target
 
     target: float = setting(
         0.2,

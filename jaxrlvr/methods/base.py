@@ -66,6 +66,9 @@ class Method:
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "plain GRPO (Clip-Higher is algo.eps_high > algo.eps_low)"
     settings_doc: ClassVar[str] = ""  # docs/config.md's text above the settings table
+    # Whether `step_inputs` reads `ctx.h_hat`: the old log-probs are needed before the
+    # step's first update, so the old-policy pass cannot be folded into it.
+    reads_entropy_estimate: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, algo: Any) -> Method:

@@ -77,6 +77,9 @@ class LossSettings:
     num_epochs: int = 1
     mini_batches: int = 1  # per step; each is one optimizer update per PPO epoch
     batch_shards: int = 1  # devices the batch is split over (data x fsdp)
+    # The old log-probs and entropies are the update's own under stop_gradient (one update
+    # per step, from the trainer): no separate old-policy pass (`single_pass`).
+    old_from_update: bool = False
 
     @classmethod
     def from_config(
@@ -101,7 +104,22 @@ class LossSettings:
             num_epochs=int(num_epochs),
             mini_batches=config_lib.mini_batches_per_step(config),
             batch_shards=int(batch_shards),
+            old_from_update=single_pass(config),
         )
+
+
+def single_pass(config: ml_collections.ConfigDict) -> bool:
+    """Whether a step folds the old-policy pass into its update: with exactly one update
+    per step and old log-probs from the trainer, the ratio's denominator is the update's
+    own log-prob under stop_gradient (ratio 1; the same loss and gradients), as verl and
+    Tunix do on-policy. Not for a method that needs the old log-probs before the update
+    (`Method.reads_entropy_estimate`), nor with `train.single_pass=False`."""
+    return bool(
+        config.train.single_pass
+        and config_lib.updates_per_step(config) == 1
+        and config.algo.old_logp_source == "trainer"
+        and not methods.from_config(config).reads_entropy_estimate
+    )
 
 
 class TrainState(struct.PyTreeNode):
@@ -249,6 +267,10 @@ def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: L
     """The mini-batch-normalised GRPO loss of one micro-batch, and its metric sums."""
     model = nnx.merge(graphdef, params)
     logp, ent = response_logp_entropy(model, mb, s)
+    if s.old_from_update:  # on-policy: the old policy is this one, before the update
+        mb = mb._replace(
+            old_logp=jax.lax.stop_gradient(logp), old_entropy=jax.lax.stop_gradient(ent)
+        )
     mask = mb.response_mask
     agg = lambda x: losses.aggregate(x, mask, s.loss_agg, norm)  # noqa: E731
     adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
@@ -275,15 +297,16 @@ def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: L
         "weight_mean": jnp.sum(token.weights * mask),
     }
     weight_min = jnp.min(jnp.where(mask > 0, token.weights, jnp.inf))
-    return loss, (sums, weight_min)
+    return loss, (sums, weight_min, (mb.old_logp, mb.old_entropy))
 
 
 def update(
-    state: TrainState, graphdef, tx, batch: Batch, k: Array, inputs: dict, s: LossSettings
+    state: TrainState, graphdef, tx, batch: Batch, index: Array, inputs: dict, s: LossSettings
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer update on mini-batch k of the step's batch, gradients accumulated over
-    micro-batches."""
-    mini = mini_batch(batch, k, s)
+    """One optimizer update on mini-batch `index` of the step's batch, gradients accumulated
+    over micro-batches. With `s.old_from_update` the metrics also hold the batch's
+    `old_logp` and `old_entropy` `[N, R]` (this update's own, before it)."""
+    mini = mini_batch(batch, index, s)
     norm = losses.agg_norm(mini.response_mask)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     rng, key = jax.random.split(state.rng)
@@ -293,16 +316,18 @@ def update(
     def micro_step(carry, xs):
         grads, loss, sums, wmin = carry
         mb_key, mb = xs
-        (mb_loss, (mb_sums, mb_wmin)), g = grad_fn(
+        (mb_loss, (mb_sums, mb_wmin, old)), g = grad_fn(
             state.params, graphdef, mb_key, mb, norm, inputs, s
         )
         add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
-        return (add(grads, g), loss + mb_loss, add(sums, mb_sums), jnp.minimum(wmin, mb_wmin)), None
+        carry = (add(grads, g), loss + mb_loss, add(sums, mb_sums), jnp.minimum(wmin, mb_wmin))
+        return carry, old if s.old_from_update else None
 
     if micro.advantages.shape[0] == 1:  # one micro-batch: no accumulator to zero and add to
-        (loss, (sums, wmin)), grads = grad_fn(
+        (loss, (sums, wmin, old)), grads = grad_fn(
             state.params, graphdef, keys[0], jax.tree.map(lambda x: x[0], micro), norm, inputs, s
         )
+        old = jax.tree.map(lambda x: x[None], old)
     else:
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         init = (
@@ -311,7 +336,7 @@ def update(
             dict.fromkeys(_TOKEN_SUMS, jnp.zeros(())),
             jnp.float32(jnp.inf),
         )
-        (grads, loss, sums, wmin), _ = jax.lax.scan(micro_step, init, (keys, micro))
+        (grads, loss, sums, wmin), old = jax.lax.scan(micro_step, init, (keys, micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -326,12 +351,15 @@ def update(
     params = jax.tree.map(keep, params, state.params)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     tokens = jnp.maximum(jnp.sum(mini.response_mask), 1.0)
-    metrics = {k: v / tokens for k, v in sums.items()} | {
+    metrics = {name: v / tokens for name, v in sums.items()} | {
         "loss": loss,
         "grad_norm": grad_norm,
         "weight_min": wmin,
         "skip_code": skip_code,
     }
+    if s.old_from_update:  # back in the batch's row order (the only mini-batch)
+        old_logp, old_entropy = (merge_rows(x, s.batch_shards) for x in old)
+        metrics |= {"old_logp": old_logp, "old_entropy": old_entropy}
     return state.replace(params=params, opt_state=opt_state, rng=rng), metrics
 
 

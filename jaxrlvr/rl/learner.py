@@ -106,22 +106,29 @@ class Learner:
     def _step(self, arrays: dict[str, np.ndarray], epoch: int, check_entropy: bool) -> dict:
         c, fns = self.config, self.programs
         batch, sampler_logp, pack_stats = self.device_batch(arrays)
-        logp, entropy = fns.policy_pass(self.state.params, batch)
-        mask = batch.response_mask
-        ref_logp = batch.ref_logp
+        mask, epoch = batch.response_mask, np.int32(epoch)
         if self.ref_params is not None:
-            ref_logp, _ = fns.policy_pass(self.ref_params, batch)
-        old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
-        batch = batch._replace(old_logp=old_logp, old_entropy=entropy, ref_logp=ref_logp)
-        inputs = fns.step_inputs(self.state, old_logp, mask, np.int32(epoch))
+            batch = batch._replace(ref_logp=fns.policy_pass(self.ref_params, batch)[0])
+        single_pass = self.settings.old_from_update
+        if not single_pass:  # the old policy's log-probs, before any update of the step
+            logp, entropy = fns.policy_pass(self.state.params, batch)
+            old_logp = sampler_logp if c.algo.old_logp_source == "sampler" else logp
+            batch = batch._replace(old_logp=old_logp, old_entropy=entropy)
+        # With a single pass the method's inputs do not read the (still zero) old log-probs.
+        inputs = fns.step_inputs(self.state, batch.old_logp, mask, epoch)
         params_before = None
         if check_entropy:  # a copy: the updates donate the state's buffers
             params_before = jax.tree.map(jnp.copy, self.state.params)
         per_update = []
         for _ in range(c.train.ppo_epochs):  # each epoch visits the mini-batches in order
-            for k in range(self.settings.mini_batches):  # sliced on device, per shard
-                self.state, m = fns.update(self.state, batch, np.int32(k), inputs)
+            for index in range(self.settings.mini_batches):  # sliced on device, per shard
+                self.state, m, old = fns.update(self.state, batch, np.int32(index), inputs)
                 per_update.append(m)
+        if single_pass:  # the one update's own log-probs, under the parameters before it
+            logp, entropy = old
+            batch = batch._replace(old_logp=logp, old_entropy=entropy)
+            # The update kept the step and the controller: the same inputs, now with h_hat.
+            inputs = fns.step_inputs(self.state, logp, mask, epoch)
         step_entropy = losses.masked_mean(entropy, mask)
         entropy_delta = step_entropy - self.state.entropy  # NaN on the first step
         self.state = fns.finish_step(self.state, step_entropy, inputs)  # donates the state

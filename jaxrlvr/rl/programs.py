@@ -84,8 +84,12 @@ def build(
     def policy_pass(params, batch):
         return grpo.policy_pass(graphdef, params, batch, s)
 
-    def update(state, batch, k, inputs):
-        return grpo.update(state, graphdef, tx, batch, k, inputs, s)
+    def update(state, batch, index, inputs):
+        """The new state, the update's scalar metrics, and (`s.old_from_update` only) the
+        batch's old log-probs and entropies `(old_logp, old_entropy)`, else ()."""
+        state, metrics = grpo.update(state, graphdef, tx, batch, index, inputs, s)
+        old = tuple(metrics.pop(name) for name in ("old_logp", "old_entropy") if name in metrics)
+        return state, metrics, old
 
     def step_inputs(state, old_logp, mask, epoch):
         return grpo.step_inputs(state, old_logp, mask, epoch, s)
@@ -101,7 +105,7 @@ def build(
         update=jax.jit(
             update,
             in_shardings=(state_sh, rows, repl, repl),
-            out_shardings=(state_sh, repl),
+            out_shardings=(state_sh, repl, rows),
             donate_argnums=0,
         ),
         step_inputs=jax.jit(
