@@ -80,9 +80,9 @@ def single_pass_differences(root: Path) -> list[str]:
     The two passes' log-probs differ by rounding (~1e-7), which AdamW's first update
     (each parameter moves by lr * g / (|g| + 1e-8)) turns into differences of a few
     percent of lr where a gradient is ~1e-8 (4% measured): parameters are compared to
-    10% of `optim.lr`, gradients by `grad_norm` at 1e-6. KL-Cov runs with its penalty off: at logp == old_logp
-    its |logp - old_logp| has gradient 0 in one pass, and a rounding-noise sign in two
-    (`test_kl_cov_penalty_is_flat_on_policy`)."""
+    10% of `optim.lr`, gradients by `grad_norm` at 1e-6. KL-Cov runs with its penalty
+    off: at logp == old_logp its |logp - old_logp| has gradient 0 in one pass, and a
+    rounding-noise sign in two (`test_kl_cov_penalty_is_flat_on_policy`)."""
     import numpy as np
     from safetensors.numpy import load_file
 

@@ -1,6 +1,7 @@
 """The entropy-method registry: every method registered once, its settings declared once
 (default and help), its config validated by the method, and the training metrics of
-every `configs/*.py` unchanged by the move to one module per method."""
+every `configs/*.py` unchanged by the move to one module per method, and by folding the
+old-policy pass into a step's only update."""
 
 import dataclasses
 import os
@@ -53,28 +54,28 @@ def test_a_method_registers_once():
         methods.register(type("Steer2", (methods.Method,), {"name": "steer"}))
 
 
+def method_runs(mode: str) -> None:
+    """`tests/method_runs.py MODE` on one CPU device; fails with its output."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "method_runs.py"), mode],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+
+
 def test_training_metrics_of_every_config_unchanged():
     """One step of each configs/*.py (and pos_adv's stage / rand_pos_clip / ablation) on
     the demo policy equals the metrics recorded before the methods moved into
     jaxrlvr/methods/ (tests/fixtures/method_runs.json), 1e-6 relative."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "method_runs.py"), "--check"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    method_runs("--check")
 
 
 def test_single_pass_step_equals_the_two_pass_step():
     """With one update per step the old log-probs come from the update's own forward pass
     (no separate old-policy pass): every configs/*.py gives the metrics and parameters of
     the two-pass step (1e-6), adaptive_entropy keeping its pass."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "method_runs.py"), "--single-pass"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    method_runs("--single-pass")
 
 
 def test_kl_cov_penalty_is_flat_on_policy():

@@ -216,6 +216,7 @@ def _one_update_setup(seed: int, resp_len: int = 5):
     c.data.max_prompt_len = 6
     c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
     c.train.micro_batch_sequences = 4
+    c.train.single_pass = False  # the tests set the batch's old log-probs themselves
     cfg = preset("tiny")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
     return c, cfg, graphdef, params, _random_batch(cfg, 8, 6, resp_len, micro_batch=4)
@@ -394,9 +395,9 @@ def test_ppo_epochs_visit_every_mini_batch_once_per_epoch(tiny_policy, tmp_path)
     programs, calls = trainer.learner.programs, []
 
     def update(state, batch, k, inputs):
-        state, metrics = programs.update(state, batch, k, inputs)
+        state, metrics, old = programs.update(state, batch, k, inputs)
         calls.append((int(k), float(metrics["approx_kl"])))
-        return state, metrics
+        return state, metrics, old
 
     trainer.learner.programs = dataclasses.replace(programs, update=update)
     trainer.run()
@@ -432,6 +433,7 @@ def test_every_intervention_updates(intervention, sub):
     c.data.max_prompt_len = 6
     c.train.prompts_per_step = c.train.mini_batch_prompts  # the batch is one mini-batch
     c.train.micro_batch_sequences = 4
+    c.train.single_pass = False  # the tests set the batch's old log-probs themselves
     cfg = preset("tiny")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(3)), nnx.Param)
     s = grpo.LossSettings.from_config(c, num_epochs=2)
@@ -525,6 +527,7 @@ def test_packed_update_equals_unpacked(loss_agg):
     c.data.max_prompt_len = 8
     c.train.prompts_per_step = c.train.mini_batch_prompts
     c.train.micro_batch_sequences = 4
+    c.train.single_pass = False  # the tests set the batch's old log-probs themselves
     cfg = preset("tiny")
     graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(4)), nnx.Param)
     s = grpo.LossSettings.from_config(c)
