@@ -187,6 +187,14 @@ def validate(config: ml_collections.ConfigDict, files: bool = True) -> None:
         "train.micro_batch_sequences",
         f"must divide the mini-batch of mini_batch_prompts * rollout.n = {seqs} sequences",
     )
+    a = config.algo
+    for key in ("rollout_is", "rollout_rs"):
+        need(
+            a[key] == "none" or a.old_logp_source == "trainer",
+            f"algo.{key}",
+            "corrects the sampler against the learner's old log-probs: meaningless with "
+            "algo.old_logp_source=sampler (they are the sampler's)",
+        )
     need(
         0 <= config.reward.overlong_buffer < r.max_new_tokens,
         "reward.overlong_buffer",
@@ -257,6 +265,11 @@ def model_architecture(config: ml_collections.ConfigDict):
     )
 
 
+def rollout_dtype(config: ml_collections.ConfigDict) -> str:
+    """The sampler's dtype: `rollout.dtype`, else the model's compute dtype."""
+    return config.rollout.dtype or config.model.dtype
+
+
 def engine_shape(config: ml_collections.ConfigDict) -> dict[str, int]:
     """The sampling engine's slots, lengths (prompts padded to a power of 2) and prompts per
     prefill call for a config."""
@@ -273,6 +286,12 @@ def validate_mesh(config: ml_collections.ConfigDict, mesh) -> None:
     """Checks that need the device mesh: every micro-batch must split over data x fsdp."""
     from jaxrlvr.sharding import batch_shards
 
+    platform = mesh.devices.flat[0].platform
+    if rollout_dtype(config) == "float16" and platform == "tpu":
+        raise ConfigError(
+            "config.rollout.dtype='float16': TPUs have no float16 arithmetic; use bfloat16 "
+            "or float32"
+        )
     shards = batch_shards(mesh)
     micro = config.train.micro_batch_sequences
     if micro % shards:

@@ -306,6 +306,16 @@ FIELDS: dict[str, Field] = {
         "(`docs/sampling.md`). Lower it if the prefill of that many `data.max_prompt_len` "
         "prompts does not fit.",
     ),
+    "rollout.dtype": Field(
+        "",
+        "dtype of the sampler's weights and activations; '' = model.dtype",
+        choices=("", "float32", "bfloat16", "float16"),
+        doc="Dtype of the sampler's copy of the weights, its activations and KV cache, "
+        "independent of the learner's `model.dtype`: `\"\"` (the model's compute dtype), "
+        "`float32`, `bfloat16`, `float16` (refused on TPU; a weight beyond float16's range "
+        "stops the run with its name). The mismatch it causes is measured every step "
+        "(`mismatch_*` metrics) and can be corrected (`algo.rollout_is`, `algo.rollout_rs`).",
+    ),
     "rollout.backend": Field(
         "engine",
         "engine | jetstream",
@@ -399,6 +409,53 @@ FIELDS: dict[str, Field] = {
         "forward pass before the step's updates) \\| `sampler` (the engine's "
         "temperature-scaled log-probs). The logged `entropy` always comes from the "
         "trainer pass.",
+    ),
+    "algo.rollout_is": Field(
+        "none",
+        "truncated importance weights learner/sampler: none | token | sequence",
+        choices=("none", "token", "sequence"),
+        doc="Rollout correction by truncated importance sampling: each token's "
+        "policy-gradient term is multiplied by `min(w, algo.rollout_is_threshold)`, "
+        "detached, with `w = exp(old_logp - sampler_logp)` per token (`token`) or the "
+        "product over the sequence (`sequence`) "
+        "([rollout correction](algorithms.md#rollout-correction)).",
+    ),
+    "algo.rollout_is_threshold": Field(
+        2.0,
+        "the cap C of the importance weights",
+        must=">= 1",
+        doc="The cap C of `algo.rollout_is`'s weights.",
+    ),
+    "algo.rollout_rs": Field(
+        "none",
+        "rejection of tokens/sequences whose ratio leaves the band: none | token | sequence",
+        choices=("none", "token", "sequence"),
+        doc="Rollout correction by rejection: tokens (`token`) or whole sequences "
+        "(`sequence`) whose importance ratio leaves `[algo.rollout_rs_threshold_lower, "
+        "algo.rollout_rs_threshold]` leave the loss and its denominators. Needs the old "
+        "log-probs before the update: a step with it keeps its old-policy pass.",
+    ),
+    "algo.rollout_rs_threshold": Field(
+        2.0,
+        "upper end of the rejection band",
+        must=">= 1",
+        doc="Upper end of `algo.rollout_rs`'s band.",
+    ),
+    "algo.rollout_rs_threshold_lower": Field(
+        0.0,
+        "lower end of the rejection band; 0 = 1 / rollout_rs_threshold",
+        must="in [0, 1]",
+        special=(0, "1 / rollout_rs_threshold"),
+        doc="Lower end of `algo.rollout_rs`'s band.",
+    ),
+    "algo.cov_scope": Field(
+        "global",
+        "Clip-Cov / KL-Cov top-k over: global | per_device",
+        choices=("global", "per_device"),
+        doc="Where Clip-Cov and KL-Cov compute the covariance and choose their tokens: "
+        "`global` (over each micro-batch as a whole, on however many devices it is split), "
+        "`per_device` (within each device's rows of the micro-batch, as verl's per-GPU "
+        "micro-batches do) ([scope](algorithms.md#covariance-scope)).",
     ),
     "algo.intervention": Field(
         "none",

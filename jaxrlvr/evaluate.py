@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 
 from jaxrlvr import config as config_lib
 from jaxrlvr.data import read_prompts
-from jaxrlvr.models import load_hf_checkpoint
+from jaxrlvr.models import load_hf_checkpoint, with_compute_dtype
 from jaxrlvr.rl import grpo, preflight
 from jaxrlvr.rl.rollouts import RolloutCollector, make_reward, pad_token_id, stop_token_ids
 from jaxrlvr.runtime.checkpointing import Checkpointer
@@ -226,7 +226,10 @@ def evaluate(
     model = load_policy(config, mesh, workdir, step)
     stop_ids = stop_token_ids(tokenizer)
     engine = Engine(
-        model, **config_lib.engine_shape(config), max_stop_tokens=max(8, len(stop_ids)), mesh=mesh
+        with_compute_dtype(model, config_lib.rollout_dtype(config)),
+        **config_lib.engine_shape(config),
+        max_stop_tokens=max(8, len(stop_ids)),
+        mesh=mesh,
     )
     reward_fn = make_reward(config)
     rollouts = RolloutCollector(

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from jaxrlvr import config as config_lib
-from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype
+from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype, with_compute_dtype
 from jaxrlvr.rl import grpo, programs
 from jaxrlvr.sampling import engine as engine_lib
 from jaxrlvr.sharding import MESH_AXES, batch_shards
@@ -215,7 +215,9 @@ class Planner:
         self.cfg = config_lib.model_architecture(c)
         model = nnx.eval_shape(lambda: Qwen2(self.cfg, rngs=nnx.Rngs(0)))
         self.graphdef, self.params = nnx.split(model, nnx.Param)
-        self.engine_graphdef, _ = nnx.split(model)
+        # The sampler's copy: the same shapes at rollout.dtype.
+        self.sampler_cfg = self.cfg.replace(dtype=config_lib.rollout_dtype(c))
+        self.engine_graphdef, _ = nnx.split(with_compute_dtype(model, self.sampler_cfg.dtype))
         self.mini_batches = config_lib.mini_batches_per_step(c)
         self.tx, _ = grpo.make_optimizer(c.optim, c.train.steps, config_lib.updates_per_step(c))
         self.num_sequences = c.train.prompts_per_step * c.rollout.n
@@ -327,7 +329,7 @@ class Planner:
 
     def _engine_params(self):
         shardings = engine_lib.sampler_param_shardings(self.params, self.mesh)
-        dt = as_dtype(self.cfg.dtype)
+        dt = as_dtype(self.sampler_cfg.dtype)
         cast = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(
                 x.shape, dt if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
@@ -344,7 +346,7 @@ class Planner:
         repl = NamedSharding(self.mesh, PartitionSpec())
         params = self._engine_params()
         abstract_state, state_sh = engine_lib.decode_state_layout(
-            self.cfg, slots, target, 8, None, self.mesh
+            self.sampler_cfg, slots, target, 8, None, self.mesh
         )
         state = _abstract(abstract_state, state_sh)
 
@@ -378,7 +380,7 @@ class Planner:
         train_state = _nbytes(self.state)
         ref = _nbytes(self.state.params) if c.algo.kl_coef > 0 else 0
         sync = jax.jit(
-            lambda p: engine_lib.cast_params(p, as_dtype(self.cfg.dtype)),
+            lambda p: engine_lib.cast_params(p, as_dtype(self.sampler_cfg.dtype)),
             out_shardings=engine_lib.sampler_param_shardings(self.params, self.mesh),
         )
         decode_flops = model_flops(self.cfg, slots * engine_lib.DECODE_STEPS, target, 1)

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from jaxrlvr import config as config_lib
 from jaxrlvr import config_help
 from jaxrlvr.data import PromptDataset, read_prompts
-from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint
+from jaxrlvr.models import load_hf_checkpoint, save_hf_checkpoint, with_compute_dtype
 from jaxrlvr.models.checkpoint import ExportError
 from jaxrlvr.rl import grpo, preflight
 from jaxrlvr.rl.learner import Learner
@@ -161,7 +161,7 @@ class Trainer:
             log.warning("%s", warning)
         self.learner = Learner(c, self.graphdef, params, self.mesh, epochs)
         self.engine = Engine(
-            model,
+            with_compute_dtype(model, config_lib.rollout_dtype(c)),
             **config_lib.engine_shape(c),
             max_stop_tokens=max(8, len(stop_ids := stop_token_ids(self.tokenizer))),
             mesh=self.mesh,

@@ -53,8 +53,16 @@ from jaxrlvr.losses.policy import (
     masked_sum,
     ppo_token_loss,
 )
+from jaxrlvr.losses.rollout_correction import (
+    mismatch_metrics,
+    rollout_is_weights,
+    rollout_rs_keep,
+)
 
 __all__ = [
+    "mismatch_metrics",
+    "rollout_is_weights",
+    "rollout_rs_keep",
     "AGG_MODES",
     "COV_TOP_FRACTIONS",
     "KL_ESTIMATORS",

@@ -92,6 +92,20 @@ class Method:
     def help(cls) -> dict[str, str]:
         return {name: field.help for name, field in cls.fields().items()}
 
+    @staticmethod
+    def per_group(fn, groups: int, *rows: Array, key: Array | None = None):
+        """`fn(*rows)` on each of `groups` equal blocks of rows `[b, R]` (the micro-batch's
+        rows on each device, with `algo.cov_scope=per_device`), outputs back to `[b, R]`;
+        `key` (a PRNG key) is split so that each block draws its own selection."""
+        if groups == 1:
+            return fn(*rows) if key is None else fn(key, *rows)
+        blocks = [x.reshape(groups, -1, *x.shape[1:]) for x in rows]
+        if key is None:
+            out = jax.vmap(fn)(*blocks)
+        else:
+            out = jax.vmap(fn)(jax.random.split(key, groups), *blocks)
+        return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), out)
+
     def check_settings(self, need: Need) -> None:
         """Report each setting outside its declared values."""
         for name, field in self.fields().items():

@@ -4,6 +4,7 @@ whose centred covariance of log-prob and advantage lies in (lb, ub)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jaxrlvr import losses
 from jaxrlvr.methods.base import Method, TokenLoss, register, setting
@@ -34,10 +35,13 @@ class ClipCov(Method):
         need(self.lb < self.ub, "algo.clip_cov.ub", "must be > algo.clip_cov.lb")
 
     def token_loss(self, key, logp, mb, adv, inputs, s):
-        terms, selected = losses.clip_cov_token_loss(
-            key, logp, mb.old_logp, adv, mb.response_mask, eps_low=s.eps_low,
-            eps_high=s.eps_high, ratio=self.ratio, lb=self.lb, ub=self.ub,
+        select = functools.partial(
+            losses.clip_cov_token_loss, eps_low=s.eps_low, eps_high=s.eps_high,
+            ratio=self.ratio, lb=self.lb, ub=self.ub,
         )  # fmt: skip
+        terms, selected = self.per_group(
+            select, s.cov_groups, logp, mb.old_logp, adv, mb.response_mask, key=key
+        )
         return TokenLoss(terms.loss, terms.clipped, terms.dual_clipped, selected, 1.0 - selected)
 
     def metrics(self, token, inputs, controller):

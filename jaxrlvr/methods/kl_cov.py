@@ -5,6 +5,7 @@ log-prob and advantage, the clipped surrogate is replaced by the unclipped one p
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -34,8 +35,9 @@ class KLCov(Method):
     )
 
     def token_loss(self, key, logp, mb, adv, inputs, s):
-        loss, selected = losses.kl_cov_token_loss(
-            logp, mb.old_logp, adv, mb.response_mask, ratio=self.ratio, kl_coef=self.kl_coef
+        select = functools.partial(losses.kl_cov_token_loss, ratio=self.ratio, kl_coef=self.kl_coef)
+        loss, selected = self.per_group(
+            select, s.cov_groups, logp, mb.old_logp, adv, mb.response_mask
         )
         zeros = jnp.zeros_like(logp)
         return TokenLoss(loss, zeros, zeros, selected, jnp.ones_like(logp))

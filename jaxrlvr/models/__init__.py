@@ -9,6 +9,7 @@ from jaxrlvr.models.qwen2 import (
     Qwen2Config,
     init_cache,
     preset,
+    with_compute_dtype,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "load_hf_checkpoint",
     "preset",
     "save_hf_checkpoint",
+    "with_compute_dtype",
 ]

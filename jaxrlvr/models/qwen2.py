@@ -534,6 +534,15 @@ def segment_positions(segment_ids: Array) -> Array:
     return columns - jax.lax.cummax(jnp.where(starts, columns, 0), axis=1)
 
 
+def with_compute_dtype(model: Qwen2, dtype: str) -> Qwen2:
+    """A view of `model` computing in `dtype` (activations, and the weights as they enter
+    each matmul), sharing its parameters: the sampler's policy at `rollout.dtype`."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    view.config = model.config.replace(dtype=dtype)
+    return view
+
+
 def init_cache(cfg: Qwen2Config, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
     dt = as_dtype(cfg.dtype if dtype is None else dtype)
     shape = (cfg.num_hidden_layers, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)

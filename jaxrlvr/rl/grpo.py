@@ -54,6 +54,7 @@ class Batch(NamedTuple):
     old_logp: Array  # [N, R] float32
     old_entropy: Array  # [N, R] float32: old-pass entropy (STEER's H)
     ref_logp: Array  # [N, R] float32 (zeros without a KL term)
+    sampler_logp: Array | None = None  # [N, R] float32: the sampler's (rollout corrections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,13 @@ class LossSettings:
     # The old log-probs and entropies are the update's own under stop_gradient (one update
     # per step, from the trainer): no separate old-policy pass (`single_pass`).
     old_from_update: bool = False
+    # Rollout corrections (`jaxrlvr.losses.rollout_correction`): truncated importance
+    # weights on the policy-gradient term, rejection of tokens/sequences outside a band.
+    rollout_is: str = "none"
+    rollout_is_threshold: float = 2.0
+    rollout_rs: str = "none"
+    rollout_rs_band: tuple[float, float] = (0.5, 2.0)
+    cov_groups: int = 1  # Clip-Cov / KL-Cov select within this many groups of rows
 
     @classmethod
     def from_config(
@@ -105,7 +113,18 @@ class LossSettings:
             mini_batches=config_lib.mini_batches_per_step(config),
             batch_shards=int(batch_shards),
             old_from_update=single_pass(config),
+            rollout_is=a.rollout_is,
+            rollout_is_threshold=float(a.rollout_is_threshold),
+            rollout_rs=a.rollout_rs,
+            rollout_rs_band=rollout_rs_band(config),
+            cov_groups=int(batch_shards) if a.cov_scope == "per_device" else 1,
         )
+
+
+def rollout_rs_band(config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """The importance-ratio band `[lower, upper]` rejection sampling keeps."""
+    upper = float(config.algo.rollout_rs_threshold)
+    return (float(config.algo.rollout_rs_threshold_lower) or 1.0 / upper, upper)
 
 
 def single_pass(config: ml_collections.ConfigDict) -> bool:
@@ -118,6 +137,7 @@ def single_pass(config: ml_collections.ConfigDict) -> bool:
         config.train.single_pass
         and config_lib.updates_per_step(config) == 1
         and config.algo.old_logp_source == "trainer"
+        and config.algo.rollout_rs == "none"  # its mask is set before the update
         and not methods.from_config(config).reads_entropy_estimate
     )
 
@@ -260,6 +280,7 @@ def policy_pass(graphdef, params, batch: Batch, s: LossSettings) -> tuple[Array,
 _TOKEN_SUMS = (
     "pg_clipfrac", "pg_clipfrac_pos", "pg_clipfrac_pos_lowp", "pg_clipfrac_lower",
     "approx_kl", "kl", "update_entropy", "intervention_frac", "weight_mean",
+    "rollout_is_mean", "rollout_is_clip_frac",
 )  # fmt: skip
 
 
@@ -275,7 +296,12 @@ def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: L
     agg = lambda x: losses.aggregate(x, mask, s.loss_agg, norm)  # noqa: E731
     adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
     token = s.method.token_loss(key, logp, mb, adv, inputs, s)
-    loss = agg(token.loss)
+    is_weights, is_truncated = jnp.ones_like(logp), jnp.zeros_like(logp)
+    if s.rollout_is != "none":  # the learner's policy over the sampler's, truncated
+        is_weights, is_truncated = losses.rollout_is_weights(
+            mb.old_logp, mb.sampler_logp, mask, level=s.rollout_is, threshold=s.rollout_is_threshold
+        )
+    loss = agg(token.loss * is_weights)
     bonus = s.method.entropy_bonus(inputs)
     if s.entropy_coef or bonus is not None:
         loss -= (s.entropy_coef + (0.0 if bonus is None else bonus)) * agg(ent)
@@ -295,6 +321,8 @@ def loss_fn(params, graphdef, key, mb: Batch, norm: losses.AggNorm, inputs, s: L
         "update_entropy": jnp.sum(sg(ent) * mask),
         "intervention_frac": jnp.sum(token.selected * mask),
         "weight_mean": jnp.sum(token.weights * mask),
+        "rollout_is_mean": jnp.sum(is_weights * mask),
+        "rollout_is_clip_frac": jnp.sum(is_truncated * mask),
     }
     weight_min = jnp.min(jnp.where(mask > 0, token.weights, jnp.inf))
     return loss, (sums, weight_min, (mb.old_logp, mb.old_entropy))
@@ -307,6 +335,13 @@ def update(
     over micro-batches. With `s.old_from_update` the metrics also hold the batch's
     `old_logp` and `old_entropy` `[N, R]` (this update's own, before it)."""
     mini = mini_batch(batch, index, s)
+    valid = mini.response_mask
+    if s.rollout_rs != "none":  # rejected tokens leave the loss and its denominators
+        lower, upper = s.rollout_rs_band
+        keep = losses.rollout_rs_keep(
+            mini.old_logp, mini.sampler_logp, valid, level=s.rollout_rs, lower=lower, upper=upper
+        )
+        mini = mini._replace(response_mask=valid * keep)
     norm = losses.agg_norm(mini.response_mask)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     rng, key = jax.random.split(state.rng)
@@ -352,6 +387,8 @@ def update(
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     tokens = jnp.maximum(jnp.sum(mini.response_mask), 1.0)
     metrics = {name: v / tokens for name, v in sums.items()} | {
+        "rollout_rs_masked_frac": 1.0
+        - jnp.sum(mini.response_mask) / jnp.maximum(jnp.sum(valid), 1),
         "loss": loss,
         "grad_norm": grad_norm,
         "weight_min": wmin,

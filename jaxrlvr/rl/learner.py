@@ -137,6 +137,7 @@ class Learner:
             "entropy": step_entropy,
             "entropy_delta": entropy_delta,
             "sampler_logp_abs_diff": jnp.sum(jnp.abs(logp - sampler_logp) * mask) / tokens,
+            **fns.mismatch(logp, sampler_logp, mask),
             **fns.diagnostics(batch.old_logp, batch.advantages, mask),
         }
         if params_before is not None:
@@ -154,6 +155,10 @@ class Learner:
         metrics["lr"] = float(self.schedule(int(self.state.step) * len(per_update) - 1))
         if not c.algo.kl_coef:
             metrics.pop("kl")
+        if c.algo.rollout_is == "none":
+            metrics.pop("rollout_is_mean"), metrics.pop("rollout_is_clip_frac")
+        if c.algo.rollout_rs == "none":
+            metrics.pop("rollout_rs_masked_frac")
         token = {k: metrics.pop(k) for k in ("intervention_frac", "weight_mean", "weight_min")}
         token["weight_min"] = float(np.min([m["weight_min"] for m in applied]))
         host_controller = distributed.to_host(self.state.controller)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrlvr import losses
 from jaxrlvr.rl import grpo
 from jaxrlvr.sharding import logical_to_spec, state_shardings
 
@@ -34,6 +35,7 @@ class StepPrograms:
     step_inputs: Callable  # (state, old_logp, mask, epoch) -> {name: scalar}
     finish_step: Callable  # (state, entropy, inputs) -> state; state donated
     diagnostics: Callable  # (old_logp, advantages, response_mask) -> metrics
+    mismatch: Callable  # (learner logp, sampler logp, response_mask) -> metrics
     entropy_check: Callable  # (params_before, params_after, batch) -> metrics
     state_shardings: Any  # a TrainState of shardings
     batch_sharding: NamedSharding  # every Batch field (split on rows)
@@ -118,6 +120,7 @@ def build(
             donate_argnums=0,
         ),
         diagnostics=jax.jit(grpo.rollout_diagnostics, in_shardings=rows, out_shardings=repl),
+        mismatch=jax.jit(losses.mismatch_metrics, in_shardings=rows, out_shardings=repl),
         entropy_check=jax.jit(
             entropy_check, in_shardings=(params_sh, params_sh, rows), out_shardings=repl
         ),
@@ -148,4 +151,5 @@ def abstract_batch(
         old_logp=spec((n, r), jnp.float32),
         old_entropy=spec((n, r), jnp.float32),
         ref_logp=spec((n, r), jnp.float32),
+        sampler_logp=spec((n, r), jnp.float32),
     )

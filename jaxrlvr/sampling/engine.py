@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxrlvr.errors import ConfigError
 from jaxrlvr.models.qwen2 import CACHE_AXES, KVCache, Qwen2, as_dtype, init_cache
 from jaxrlvr.sampling.sample import sample_tokens
 from jaxrlvr.sharding import (
@@ -725,8 +726,23 @@ class Engine:
             for x in jax.tree.leaves(params)
         ):
             params = jax.tree.map(_place, params, self._param_shardings)
-        self.params = self._cast(params)
+        cast = self._cast(params)
+        if self.param_dtype == jnp.float16:  # float16's range ends at 65504
+            self._check_range(params, cast)
+        self.params = cast
         return self.params
+
+    def _check_range(self, params: Params, cast: Params) -> None:
+        """Refuse a float16 copy in which a finite parameter became infinite."""
+        finite = jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), (params, cast))
+        for (path, was), now in zip(
+            jax.tree_util.tree_leaves_with_path(finite[0]), jax.tree.leaves(finite[1]), strict=True
+        ):
+            if was and not now:
+                raise ConfigError(
+                    f"config.rollout.dtype='float16': parameter {jax.tree_util.keystr(path)} "
+                    "has values beyond float16's range (|x| > 65504); use bfloat16 or float32"
+                )
 
     def make_request(
         self,
