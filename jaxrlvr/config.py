@@ -54,7 +54,7 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
         _demo(c)
         if preset != "demo":  # demo-hard, demo-fork: the papers' update schedule
             _demo_hard(c)
-    elif preset == "qwen2.5-math-1.5b":
+    elif preset in ("qwen2.5-math-1.5b", "qwen3-1.7b-base", "qwen3-4b-base"):
         c.train.prompts_per_step = 128
         c.train.mini_batch_prompts = 16
     elif preset == "qwen2.5-0.5b":
@@ -64,7 +64,8 @@ def base_config(preset: str = "demo") -> ml_collections.ConfigDict:
     if preset.startswith("qwen"):
         c.model.dtype = "bfloat16"
         c.model.remat = "full"
-        c.data.prompt_template = "dapo" if preset == "qwen2.5-math-7b" else c.data.prompt_template
+        if preset in ("qwen2.5-math-7b", "qwen3-8b-base"):
+            c.data.prompt_template = "dapo"
     return c
 
 

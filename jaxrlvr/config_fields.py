@@ -22,6 +22,9 @@ PRESET_NAMES = (
     "qwen2.5-math-7b",
     "qwen2.5-math-1.5b",
     "qwen2.5-0.5b",
+    "qwen3-1.7b-base",
+    "qwen3-4b-base",
+    "qwen3-8b-base",
 )
 # The smallest rollout.temperature. The loss gradient scales as 1/T and is squared (Adam's
 # second moment, the global norm of the clip), which overflows float32 and bfloat16 (both

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from jaxrlvr import config as config_lib
+from jaxrlvr import roofline
 from jaxrlvr.models.qwen2 import Qwen2, Qwen2Config, as_dtype, with_compute_dtype
 from jaxrlvr.rl import grpo, programs
 from jaxrlvr.sampling import engine as engine_lib
@@ -77,6 +78,10 @@ class Slice:
     topology: str  # libtpu's name, e.g. "v5p:2x2x1"
     chips: int
     hbm_gib: float  # per chip
+
+    @property
+    def generation(self) -> str:
+        return self.topology.split(":")[0]
 
 
 def accepted_slices() -> list[str]:
@@ -159,6 +164,8 @@ class Row:
     resident: int  # other buffers the trainer keeps alive while it runs
     flops: float  # model FLOPs per chip of one call (see `model_flops`)
     compile_s: float
+    bytes_accessed: float = 0.0  # per chip and call, XLA's cost analysis
+    collective_bytes: float = 0.0  # per chip and call, the FSDP gathers (`roofline`)
 
     @property
     def total(self) -> int:
@@ -193,9 +200,9 @@ def model_flops(
     (1 forward; 3 forward + backward; 4 with layer recompute) and `head_passes` for the
     LM head (default `passes`; 4 with `model.logp_remat`)."""
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * f  # q, o; k, v; gate, up, down
-    layers = 2 * L * per_layer + 4 * L * context * d
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = d * q * 2 + d * kv * 2 + 3 * d * f  # q, o; k, v; gate, up, down
+    layers = 2 * L * per_layer + 4 * L * context * q
     head = 2 * d * cfg.vocab_size
     head_passes = passes if head_passes is None else head_passes
     return float(tokens * (passes * layers + head_passes * head))
@@ -209,6 +216,7 @@ class Planner:
     mesh: Mesh
     hbm_bytes: int | None
     log: Callable[[str], Any] = print
+    chips: int = 1  # chips of the slice (for chip-hours)
 
     def __post_init__(self):
         c = self.config
@@ -226,15 +234,19 @@ class Planner:
 
     # -- helpers
 
-    def _compile(self, name: str, program: tuple, resident: int, flops: float) -> Row:
+    def _compile(
+        self, name: str, program: tuple, resident: int, flops: float, collective: float = 0.0
+    ) -> Row:
         """Compile `fn(*args)` (abstract, sharded args) and measure it. A program XLA
         refuses for lack of HBM is a row too, with the temporaries it asked for."""
         fn, args = program
         t0 = time.perf_counter()
+        moved = 0.0
         with jax.set_mesh(self.mesh):
             lowered = fn.lower(*args)
             try:
-                m = lowered.compile().memory_analysis()
+                compiled = lowered.compile()
+                m, moved = compiled.memory_analysis(), roofline.bytes_accessed(compiled)
                 sizes = dict(
                     arguments=int(m.argument_size_in_bytes),
                     temp=int(m.temp_size_in_bytes),
@@ -249,7 +261,10 @@ class Planner:
                 sizes = dict(arguments=_nbytes(arrays), temp=temp, outputs=0)
                 self.log(f"  {name}: XLA ran out of HBM: {str(e).splitlines()[0][:160]}")
         seconds = time.perf_counter() - t0
-        row = Row(name=name, **sizes, resident=resident, flops=flops, compile_s=seconds)
+        row = Row(
+            name=name, **sizes, resident=resident, flops=flops, compile_s=seconds,
+            bytes_accessed=moved, collective_bytes=collective,
+        )  # fmt: skip
         self.log(f"  compiled {name:<16} {seconds:6.1f} s   {row.total / GiB:8.2f} GiB per chip")
         return row
 
@@ -317,7 +332,9 @@ class Planner:
         rows = []
         for name, (program, resident, flops) in todo.items():
             if only is None or name in only:
-                rows.append(self._compile(name, program, resident, flops))
+                rows.append(
+                    self._compile(name, program, resident, flops, self._collectives(name, c))
+                )
         if c.algo.kl_coef > 0 and (only is None or "reference_pass" in only):
             # The same program as the policy pass, over the frozen reference parameters.
             ref = next((r for r in rows if r.name == "policy_pass"), None)
@@ -407,10 +424,48 @@ class Planner:
             ),
         }
         return [
-            self._compile(name, program, resident, flops)
+            self._compile(name, program, resident, flops, self._collectives(name, c))
             for name, (program, resident, flops) in todo.items()
             if only is None or name in only
         ]
+
+    def _collectives(self, name: str, c: ml_collections.ConfigDict) -> float:
+        """Per chip bytes a call's FSDP collectives move: the parameters gathered for each
+        forward or backward pass (compute dtype) and the gradients reduce-scattered
+        (parameter dtype); the sampler's copy re-laid out once per step."""
+        fsdp = self.mesh.shape["fsdp"]
+        numel = sum(math.prod(x.shape) for x in jax.tree.leaves(self.params))
+        gather = lambda dtype: roofline.gather_bytes(numel * as_dtype(dtype).itemsize, fsdp)  # noqa: E731
+        passes = 3 if c.model.remat != "none" else 2  # forward, backward (+ recompute)
+        return {
+            "policy_pass": gather(self.cfg.dtype),
+            "update": passes * gather(self.cfg.dtype) + gather(self.cfg.param_dtype),
+            "entropy_check": 2 * gather(self.cfg.dtype),
+            "sampler_sync": gather(self.sampler_cfg.dtype),
+        }.get(name, 0.0)
+
+    def calls_per_step(self, c: ml_collections.ConfigDict, mean_len: float) -> dict[str, float]:
+        """How often a step calls each program, with responses of `mean_len` tokens."""
+        prompts, n = c.train.prompts_per_step, c.rollout.n
+        most = c.rollout.max_prefill_batch
+        rows = engine_lib.fit_bucket(engine_lib.buckets(1, most), min(most, prompts))
+        prefills = math.ceil(prompts / rows)
+        every = c.diagnostics.entropy_check_every
+        return {
+            "sampler_sync": 1,
+            "prefill": prefills,
+            "insert": prefills,
+            "generate": roofline.generate_calls(
+                prompts * n, c.rollout.max_slots, mean_len, engine_lib.DECODE_STEPS
+            ),
+            "policy_pass": 1,
+            "reference_pass": 1,
+            "update": config_lib.updates_per_step(c),
+            "step_inputs": 2 if self._settings(c).old_from_update else 1,
+            "finish_step": 1,
+            "diagnostics": 1,
+            "entropy_check": 1 / every if every else 0,
+        }
 
     def run(self, c: ml_collections.ConfigDict | None = None) -> list[Row]:
         c = self.config if c is None else c
@@ -498,25 +553,71 @@ def table(rows: list[Row], hbm_bytes: int | None) -> str:
     return "\n".join(lines)
 
 
+def timing(
+    planner: Planner, rows: list[Row], chip: roofline.Chip, mean_len: float
+) -> dict[str, Any]:
+    """The roofline time of each program's calls in one step and of the whole run, with
+    responses of `mean_len` tokens: the learner's FLOPs follow the packed tokens
+    (prompt + mean response instead of the padded length); bytes and collectives are
+    the compiled programs' own."""
+    c = planner.config
+    calls = planner.calls_per_step(c, mean_len)
+    p, r = c.data.max_prompt_len, c.rollout.max_new_tokens
+    learner = ("policy_pass", "reference_pass", "update", "entropy_check")
+    programs, step = [], 0.0
+    for row in rows:
+        scale = (p + mean_len) / (p + r) if row.name in learner else 1.0
+        one = roofline.call_time(row.flops * scale, row.bytes_accessed, row.collective_bytes, chip)
+        n = calls.get(row.name, 1)
+        step += n * one.seconds
+        programs.append(
+            dict(name=row.name, calls=n, flops=row.flops * scale, bound=one.bound,
+                 call_s=one.seconds, step_s=n * one.seconds)
+        )  # fmt: skip
+    chips = planner.chips
+    return {
+        "chip": dataclasses.asdict(chip),
+        "mean_response_len": mean_len,
+        "programs": programs,
+        "steps": c.train.steps,
+        "chips": chips,
+        **roofline.summarize(step, c.train.steps, chips),
+    }
+
+
 def plan(
     config: ml_collections.ConfigDict,
     topology: str | None = None,
     mesh: str | None = None,
     log: Callable[[str], Any] = print,
+    mean_response_len: float | None = None,
 ) -> dict[str, Any]:
-    """Check the inputs, compile every program, and return the plan as a dict."""
+    """Check the inputs, compile every program, and return the plan as a dict (with the
+    roofline time of a step for responses of `mean_response_len` tokens, default
+    `rollout.max_new_tokens`)."""
     config_lib.validate(config, files=False)
     config_lib.model_architecture(config)  # a clear error before anything compiles
+    mean_len = float(
+        config.rollout.max_new_tokens if mean_response_len is None else mean_response_len
+    )
+    if not 0 < mean_len <= config.rollout.max_new_tokens:
+        raise PlanError(
+            f"--mean_response_len={mean_response_len}: must be in (0, rollout.max_new_tokens="
+            f"{config.rollout.max_new_tokens}]"
+        )
     if topology:
         s = parse_slice(topology)
         devices = slice_devices(s)
         hbm = int(s.hbm_gib * GiB * s.chips / len(devices))  # per device (core)
         where = f"{s.name} ({s.topology}, {s.chips} chips, {len(devices)} devices)"
+        chip = per_device(roofline.CHIPS[s.generation], s.chips / len(devices))
+        chips = s.chips
     else:
         devices = jax.devices()
         stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
         hbm = int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
         where = f"local {devices[0].platform} devices ({len(devices)})"
+        chip, chips = roofline.measure_local(devices[0]), len(devices)
     shape = parse_mesh(mesh, tuple(config.mesh.shape), len(devices))
     mesh_ = Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
     config_lib.validate_mesh(config, mesh_)
@@ -527,12 +628,13 @@ def plan(
         f"LM-head recompute in the update (model.logp_remat={config.model.logp_remat}): "
         f"{'on' if recompute else 'off'}"
     )
-    planner = Planner(config, mesh_, hbm, log)
+    planner = Planner(config, mesh_, hbm, log, chips=chips)
     t0 = time.perf_counter()
     rows = planner.run()
     failing = [r for r in rows if not planner.fits(r)]
     suggestions = {r.name: planner.suggest(r) for r in failing}
     return {
+        "time": timing(planner, rows, chip, mean_len),
         "config": f"{config.name}:{config.preset}",
         "topology": topology or "local",
         "devices": len(devices),
@@ -545,9 +647,43 @@ def plan(
     }
 
 
+def per_device(chip: roofline.Chip, fraction: float) -> roofline.Chip:
+    """A chip's rates for one of the plan's devices (`fraction` of a chip)."""
+    return dataclasses.replace(
+        chip,
+        peak_flops=chip.peak_flops * fraction,
+        hbm_bytes_per_s=chip.hbm_bytes_per_s * fraction,
+        ici_bytes_per_s=chip.ici_bytes_per_s * fraction,
+    )
+
+
+def time_table(t: dict[str, Any]) -> str:
+    chip = t["chip"]
+    lines = [
+        f"\nEstimated time (roofline per device: {chip['peak_flops'] / 1e12:.1f} TFLOP/s, "
+        f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s memory, {chip['ici_bytes_per_s'] / 1e9:.0f} "
+        f"GB/s interconnect; {chip['source']}), responses of {t['mean_response_len']:.0f} "
+        "tokens on average:\n",
+        "| program | calls/step | TFLOPs/chip/call | bound | s/call | s/step |",
+        f"|{'---|' * 6}",
+    ]
+    for p in t["programs"]:
+        lines.append(
+            f"| {p['name']} | {p['calls']:.4g} | {p['flops'] / 1e12:.2f} | {p['bound']} | "
+            f"{p['call_s']:.3g} | {p['step_s']:.3g} |"
+        )
+    lines.append(
+        f"\nstep ~{t['step_s']:.1f} s; {t['steps']} steps: ~{t['run_hours']:.1f} h on "
+        f"{t['chips']} chips = {t['chip_hours']:.0f} chip-hours (a lower bound: the three "
+        "terms overlap perfectly, host work and dynamic sampling's extra batches left out)"
+    )
+    return "\n".join(lines)
+
+
 def report(result: dict[str, Any]) -> str:
     rows = [Row(**{k: v for k, v in p.items() if k != "total"}) for p in result["programs"]]
     out = [table(rows, result["hbm_bytes_per_device"])]
+    out.append(time_table(result["time"]))
     out.append(f"\ncompiled in {result['compile_s_total']:.0f} s")
     if result["fits"]:
         out.append("every program fits")
@@ -570,13 +706,61 @@ def define_flags() -> None:
     )  # fmt: skip
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (default: config.mesh.shape)")
     flags.DEFINE_string("json", None, "also write the plan to this JSON file")
+    flags.DEFINE_float(
+        "mean_response_len", None, "expected response tokens (default rollout.max_new_tokens)"
+    )
+    flags.DEFINE_list(
+        "compare", [], "slices to compare, e.g. v5p-8,v5p-64,v6e-16: one summary row each"
+    )
+
+
+def compare(
+    config: ml_collections.ConfigDict, slices: list[str], mean_len: float | None, log=print
+) -> list[dict[str, Any]]:
+    """Plan `config` on each slice (the config's mesh, its -1 filled per slice): one
+    summary per slice."""
+    for name in slices:  # every name checked before anything compiles
+        parse_slice(name)
+    out = []
+    for name in slices:
+        result = plan(config, name, None, log, mean_len)
+        largest = max(result["programs"], key=lambda p: p["total"])
+        out.append(
+            dict(slice=name, chips=result["time"]["chips"], fits=result["fits"],
+                 largest=largest["name"], largest_gib=largest["total"] / GiB,
+                 **{k: result["time"][k] for k in ("step_s", "run_hours", "chip_hours")})
+        )  # fmt: skip
+    return out
+
+
+def compare_table(rows: list[dict[str, Any]], steps: int) -> str:
+    lines = [
+        f"| slice | chips | fits | largest program (GiB/chip) | est. step s | {steps} steps h "
+        f"| chip-hours |\n|{'---|' * 7}"
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['slice']} | {r['chips']} | {'yes' if r['fits'] else '**no**'} | "
+            f"{r['largest']} ({r['largest_gib']:.1f}) | {r['step_s']:.1f} | "
+            f"{r['run_hours']:.1f} | {r['chip_hours']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        result = plan(FLAGS.config, FLAGS.topology, FLAGS.mesh)
+        if FLAGS.compare:
+            rows = compare(FLAGS.config, FLAGS.compare, FLAGS.mean_response_len)
+            print(compare_table(rows, FLAGS.config.train.steps))
+            if FLAGS.json:
+                with open(FLAGS.json, "w") as f:
+                    json.dump(rows, f, indent=2)
+            sys.exit(0 if all(r["fits"] for r in rows) else 1)
+        result = plan(
+            FLAGS.config, FLAGS.topology, FLAGS.mesh, mean_response_len=FLAGS.mean_response_len
+        )
     except (PlanError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

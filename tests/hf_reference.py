@@ -1,4 +1,5 @@
-"""Random-weight `transformers.Qwen2ForCausalLM` checkpoints: the independent reference."""
+"""Random-weight `transformers.Qwen2ForCausalLM` / `Qwen3ForCausalLM` checkpoints: the
+independent reference."""
 
 from __future__ import annotations
 
@@ -12,16 +13,24 @@ def hf_config(cfg: Qwen2Config):
 
     d = cfg.to_hf_dict()
     d.pop("architectures"), d.pop("model_type"), d.pop("dtype")
-    return transformers.Qwen2Config(**d)
+    return (transformers.Qwen3Config if cfg.model_type == "qwen3" else transformers.Qwen2Config)(
+        **d
+    )
 
 
 def random_hf_model(cfg: Qwen2Config, seed: int = 0):
-    """A float32 `Qwen2ForCausalLM` with every parameter random (biases and norms too)."""
+    """A float32 `Qwen2ForCausalLM` (`Qwen3ForCausalLM` for a qwen3 config) with every
+    parameter random (biases and norms, Qwen3's q/k norms, too)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(hf_config(cfg)).float().eval()
+    cls = (
+        transformers.Qwen3ForCausalLM
+        if cfg.model_type == "qwen3"
+        else transformers.Qwen2ForCausalLM
+    )
+    model = cls(hf_config(cfg)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -53,6 +62,10 @@ TEST_CONFIGS = {
     "untied-mqa-theta1e6": dict(
         num_attention_heads=8, num_key_value_heads=1, tie_word_embeddings=False,
         rope_theta=1e6, num_hidden_layers=3,
+    ),
+    # Qwen3: q/k RMSNorm per head, no q/k/v bias, head_dim 32 != hidden / heads = 16.
+    "qwen3-untied-gqa": dict(
+        model_type="qwen3", attention_bias=False, head_dim_=32, tie_word_embeddings=False,
     ),
 }  # fmt: skip
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_reference import save_random_hf_checkpoint, tiny, torch_logits
+from hf_reference import TEST_CONFIGS, save_random_hf_checkpoint, tiny, torch_logits
 from tiny_policy import write_tiny_policy
 
 from jaxrlvr.config import ConfigError
@@ -27,16 +27,25 @@ def _params(model):
     return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_export_round_trip_is_exact(tmp_path, tied):
-    cfg = tiny(tie_word_embeddings=tied)
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(tie_word_embeddings=True),
+        dict(tie_word_embeddings=False),
+        TEST_CONFIGS["qwen3-untied-gqa"],
+    ],
+)
+def test_export_round_trip_is_exact(tmp_path, arch):
+    cfg = tiny(**arch)
+    tied = cfg.tie_word_embeddings
     model = Qwen2(cfg, rngs=nnx.Rngs(7))
     for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):  # non-trivial biases and norms
         v.set_value(
             v[...] + 0.1 * jnp.asarray(np.random.RandomState(v.size).randn(*v.shape), v.dtype)
         )
     save_hf_checkpoint(model, tmp_path / "hf")
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert type(hf).__name__ == f"{cfg.model_type.capitalize()}ForCausalLM"
     assert hf.config.tie_word_embeddings == tied
 
     # Parameters are bit-identical after the HF round trip (ours -> HF -> save -> ours).
@@ -118,7 +127,7 @@ def test_clear_errors(tmp_path):
     (path / "config.json").write_text(
         json.dumps(config | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     )
-    with pytest.raises(ValueError, match="config.json: not a Qwen2 checkpoint"):
+    with pytest.raises(ValueError, match="config.json: unsupported architecture"):
         load_hf_checkpoint(path)
 
     (path / "config.json").write_text("{\n  'bad': 1\n}")
@@ -204,15 +213,15 @@ def bad_model_dirs(good: Path, root: Path) -> dict[str, tuple[Path, str]]:
         "llama": (
             {"config.json": json.dumps(config | {"model_type": "llama",
                                                  "architectures": ["LlamaForCausalLM"]})},
-            r"config\.json: not a Qwen2 checkpoint: model_type='llama', "
-            r"architectures=\['LlamaForCausalLM'\] \(expected model_type 'qwen2' / "
-            r"Qwen2ForCausalLM\)",
+            r"config\.json: unsupported architecture: model_type='llama', "
+            r"architectures=\['LlamaForCausalLM'\]; supported: Qwen2ForCausalLM \(qwen2, "
+            r"Qwen2\.5\), Qwen3ForCausalLM \(qwen3, dense\)",
         ),
         "qwen3": (
             {"config.json": json.dumps(config | {"model_type": "qwen3",
                                                  "architectures": ["Qwen3ForCausalLM"]})},
-            r"config\.json: not a Qwen2 checkpoint: model_type='qwen3', "
-            r"architectures=\['Qwen3ForCausalLM'\]",
+            r"tensor\(s\) missing from the checkpoint: "
+            r"'model\.layers\.0\.self_attn\.k_norm\.weight'",
         ),
         "invalid-json": (
             {"config.json": '{\n  "hidden_size": 32,\n  "vocab_size" 20\n}'},

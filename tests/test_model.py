@@ -142,13 +142,21 @@ def test_presets_match_published_shapes():
     )
     assert not p7.tie_word_embeddings and p7.rope_theta == 10000.0
     for name, cfg in PRESETS.items():
-        assert cfg.hidden_size % cfg.num_attention_heads == 0, name
+        assert cfg.hidden_size % cfg.num_attention_heads == 0 or cfg.head_dim_, name
+    q8 = preset("qwen3-8b-base")
+    assert (q8.hidden_size, q8.num_hidden_layers, q8.head_dim, q8.num_key_value_heads) == (
+        4096, 36, 128, 8,
+    )  # fmt: skip
+    assert q8.qk_norm and not q8.attention_bias and not q8.tie_word_embeddings
     with pytest.raises(ValueError, match="unknown model preset 'qwen9'"):
         preset("qwen9")
 
 
 def test_config_rejects_other_architectures():
-    with pytest.raises(ValueError, match="not a Qwen2 checkpoint"):
+    with pytest.raises(ValueError, match="unsupported architecture: model_type='llama'.*"
+                       "supported: Qwen2ForCausalLM .*Qwen3ForCausalLM"):  # fmt: skip
         Qwen2Config.from_hf_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ValueError, match="unsupported architecture: model_type='qwen3_moe'"):
+        Qwen2Config.from_hf_dict({"model_type": "qwen3_moe"})
     with pytest.raises(ValueError, match="num_key_value_heads"):
         tiny(num_key_value_heads=3)

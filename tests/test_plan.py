@@ -16,6 +16,7 @@ import pytest
 from config_files import get_config
 
 from jaxrlvr import plan as plan_lib
+from jaxrlvr import roofline
 from jaxrlvr.models import preset
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -119,6 +120,31 @@ def test_plan_on_local_devices_and_what_would_fit(small_model):
     assert rows["update"]["temp"] > 0 and rows["update"]["flops"] > rows["policy_pass"]["flops"] / 2
     assert rows["reference_pass"]["arguments"] == rows["policy_pass"]["arguments"]
 
+    # The time of a step: every program's calls at the roofline of this CPU (measured).
+    t = result["time"]
+    assert t["chip"]["source"].startswith("measured here") and t["chip"]["peak_flops"] > 0
+    calls = {p["name"]: p["calls"] for p in t["programs"]}
+    assert calls["update"] == 2 and calls["policy_pass"] == 1 and calls["entropy_check"] == 0.2
+    assert calls["generate"] == roofline.generate_calls(4 * 8, 16, 64, 8) == 16
+    assert t["step_s"] == pytest.approx(sum(p["step_s"] for p in t["programs"]))
+    assert all(p["bound"] in ("compute", "memory", "collectives") for p in t["programs"])
+    assert rows["update"]["bytes_accessed"] > 0 and rows["update"]["collective_bytes"] > 0
+    assert t["run_hours"] == pytest.approx(t["step_s"] * config.train.steps / 3600)
+    # Shorter responses: fewer decode calls, less learner work, a shorter step.
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+    planner = plan_lib.Planner(config, mesh, None, log=lambda _: None, chips=8)
+    table = [
+        plan_lib.Row(**{k: v for k, v in p.items() if k != "total"}) for p in result["programs"]
+    ]
+    chip = roofline.Chip(**t["chip"])
+    short = plan_lib.timing(planner, table, chip, 16)
+    assert short["step_s"] < t["step_s"]
+    assert {p["name"]: p["calls"] for p in short["programs"]}["generate"] == 4
+    with pytest.raises(plan_lib.PlanError, match="--mean_response_len=100: must be in"):
+        plan_lib.plan(config, log=lambda _: None, mean_response_len=100)
+    with pytest.raises(plan_lib.PlanError, match="--topology='v9-8': unknown TPU slice"):
+        plan_lib.compare(config, ["v5p-8", "v9-8"], None)  # refused before any compile
+
     # With a chip just too small for micro-batches of 16, the planner finds 8.
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
     planner = plan_lib.Planner(config, mesh, None, log=lambda _: None)
@@ -156,3 +182,21 @@ def test_plan_for_a_tpu_slice_from_this_cpu(small_model, tmp_path):
     assert result["hbm_bytes_per_device"] == 95 * 2**30
     update = next(p for p in result["programs"] if p["name"] == "update")
     assert 0 < update["total"] < 2**30 and update["compile_s"] > 0
+    t = result["time"]  # v5p's published rates, one device per chip
+    assert (t["chip"]["peak_flops"], t["chip"]["hbm_bytes_per_s"]) == (459e12, 2765e9)
+    assert t["chip_hours"] == pytest.approx(t["run_hours"] * 4) and t["step_s"] > 0
+    assert "Estimated time" in out.stdout and "chip-hours" in out.stdout
+
+
+def test_roofline_terms():
+    chip = roofline.Chip(
+        "x", peak_flops=1e12, hbm_bytes_per_s=1e11, ici_bytes_per_s=1e10, source=""
+    )
+    assert roofline.call_time(2e12, 1e10, 1e9, chip) == roofline.Estimate(2.0, "compute")
+    assert roofline.call_time(1e9, 1e12, 0.0, chip) == roofline.Estimate(10.0, "memory")
+    assert roofline.call_time(0.0, 0.0, 1e11, chip) == roofline.Estimate(10.0, "collectives")
+    # 4096 sequences of 1000 tokens over 256 slots, 8 per call: 2000 calls; one sequence
+    # of 1000 tokens still needs 125.
+    assert roofline.generate_calls(4096, 256, 1000, 8) == 2000
+    assert roofline.generate_calls(4, 256, 1000, 8) == 125
+    assert roofline.gather_bytes(800, 8) == 700 and roofline.gather_bytes(800, 1) == 0

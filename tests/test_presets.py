@@ -31,12 +31,14 @@ PROBLEMS = [("1+2", "3"), ("7-5", "2"), ("3+3", "6"), ("9-1", "8")]
 
 
 def shrunk(name: str, vocab_size: int):
-    """The preset's architecture with 2 layers of width 64 (head_dim 16)."""
+    """The preset's architecture with 2 layers of width 64 (head_dim 16; Qwen3's own
+    head_dim 32, not width / heads)."""
     cfg = preset(name)
     heads, kv = 4, 4 // (cfg.num_attention_heads // cfg.num_key_value_heads) or 1
     return cfg.replace(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=kv, bos_token_id=1, eos_token_id=2,
+        head_dim_=32 if cfg.head_dim_ else None,
     )  # fmt: skip
 
 

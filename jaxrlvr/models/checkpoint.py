@@ -257,7 +257,7 @@ def _hf_layout(path: tuple, cfg: Qwen2Config) -> _Layout:
         return _Layout("model.norm.weight", (d,), _identity, _identity)
     if path == ("lm_head",):
         return _Layout("lm_head.weight", (v, d), _transpose, _transpose)
-    _, i, block, leaf = path  # ('layers', i, block, leaf)
+    _, i, block, leaf, *_ = path  # ('layers', i, block, leaf[, 'scale'])
     prefix = f"model.layers.{i}"
     if block == "input_norm":
         return _Layout(f"{prefix}.input_layernorm.weight", (d,), _identity, _identity)
@@ -267,6 +267,8 @@ def _hf_layout(path: tuple, cfg: Qwen2Config) -> _Layout:
         proj = leaf.removesuffix("_kernel")
         shape = (d, f) if proj == "down" else (f, d)
         return _Layout(f"{prefix}.mlp.{proj}_proj.weight", shape, _transpose, _transpose)
+    if block == "attn" and leaf in ("q_norm", "k_norm"):  # Qwen3: per-head RMSNorm
+        return _Layout(f"{prefix}.self_attn.{leaf}.weight", (hd,), _identity, _identity)
     if block == "attn":
         proj, kind = leaf.split("_")
         heads = h if proj in ("q", "o") else k

@@ -37,6 +37,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # What the backward pass keeps of a decoder layer's forward (`Qwen2Config.remat`):
 # none: everything (no recompute); full: only the layer's input (recompute the whole layer);
 # dots: the outputs of the weight matmuls (recompute norms, activations and attention).
+MODEL_TYPES = ("qwen2", "qwen3")  # Hugging Face model_type: Qwen2 / Qwen2.5, Qwen3 dense
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -69,6 +70,11 @@ class Qwen2Config:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151643
+    # Qwen3 (dense) differs in three fields: per-head RMSNorm on q and k before RoPE, no
+    # q/k/v bias, and a head dimension of its own (not hidden_size / heads).
+    model_type: str = "qwen2"  # qwen2 | qwen3
+    attention_bias: bool = True
+    head_dim_: int | None = None  # None: hidden_size // num_attention_heads
     # numerics of this port (not part of the HF architecture)
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -87,7 +93,9 @@ class Qwen2Config:
             )
         if self.attention_block < 1:
             raise ValueError(f"attention_block={self.attention_block}: must be >= 1")
-        if self.hidden_size % self.num_attention_heads:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r}: expected one of {MODEL_TYPES}")
+        if self.head_dim_ is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
@@ -101,24 +109,38 @@ class Qwen2Config:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_ or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's RMSNorm of each head's query and key before RoPE."""
+        return self.model_type == "qwen3"
 
     def replace(self, **kw) -> Qwen2Config:
         return dataclasses.replace(self, **kw)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> Qwen2Config:
-        """Build from a parsed Hugging Face `config.json` (unknown keys are ignored)."""
+        """Build from a parsed Hugging Face `config.json` (unknown keys are ignored): a
+        Qwen2 / Qwen2.5 or a dense Qwen3 (`model_type`, else `architectures`)."""
         archs = d.get("architectures") or []
-        if d.get("model_type") not in (None, "qwen2") or (
-            archs and not any(a.startswith("Qwen2For") for a in archs)
+        model_type = d.get("model_type") or next(
+            (t for t in MODEL_TYPES if any(a.lower().startswith(t + "for") for a in archs)), None
+        )
+        if model_type not in MODEL_TYPES or (
+            archs and not any(a == f"{model_type.capitalize()}ForCausalLM" for a in archs)
         ):
             raise ValueError(
-                f"not a Qwen2 checkpoint: model_type={d.get('model_type')!r}, "
-                f"architectures={archs!r} (expected model_type 'qwen2' / Qwen2ForCausalLM)"
+                f"unsupported architecture: model_type={d.get('model_type')!r}, "
+                f"architectures={archs!r}; supported: Qwen2ForCausalLM (qwen2, Qwen2.5), "
+                "Qwen3ForCausalLM (qwen3, dense)"
             )
         head_dim = d.get("head_dim")
-        if head_dim is not None and head_dim * d["num_attention_heads"] != d["hidden_size"]:
+        if (
+            model_type == "qwen2"
+            and head_dim is not None
+            and head_dim * d["num_attention_heads"] != d["hidden_size"]
+        ):
             raise ValueError(f"head_dim={head_dim} != hidden_size / num_attention_heads")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -128,6 +150,9 @@ class Qwen2Config:
         kw = {k: v for k, v in d.items() if k in names and k not in numerics}
         if "rope_theta" not in d and "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
+        kw["model_type"] = model_type
+        kw["attention_bias"] = bool(d.get("attention_bias", model_type == "qwen2"))
+        kw["head_dim_"] = head_dim if model_type == "qwen3" else None
         kw.update(overrides)
         return cls(**kw)
 
@@ -149,10 +174,12 @@ class Qwen2Config:
             raise ValueError(f"{file}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` that `transformers.Qwen2ForCausalLM` reads."""
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
+        """The `config.json` that `transformers.Qwen2ForCausalLM` (or `Qwen3ForCausalLM`)
+        reads."""
+        extra = {"attention_bias": self.attention_bias} if self.model_type == "qwen3" else {}
+        return extra | {
+            "architectures": [f"{self.model_type.capitalize()}ForCausalLM"],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -199,11 +226,34 @@ PRESETS: dict[str, Qwen2Config] = {
         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=4096,
         rope_theta=10000.0, tie_word_embeddings=False,
     ),
+    # Qwen3 base models (dense): Qwen/Qwen3-*-Base config.json.
+    "qwen3-1.7b-base": Qwen2Config(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768,
+        model_type="qwen3", attention_bias=False, head_dim_=128,
+    ),
+    "qwen3-4b-base": Qwen2Config(
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+        model_type="qwen3", attention_bias=False, head_dim_=128,
+    ),
+    "qwen3-8b-base": Qwen2Config(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+        tie_word_embeddings=False, model_type="qwen3", attention_bias=False, head_dim_=128,
+    ),
     # For tests: GQA with biases, small enough to compile in seconds.
     "tiny": Qwen2Config(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+    ),
+    # Qwen3's layout at test size: q/k norms, no biases, head_dim 32 != 64 / 4.
+    "tiny-qwen3": Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        model_type="qwen3", attention_bias=False, head_dim_=32,
     ),
 }  # fmt: skip
 
@@ -281,10 +331,22 @@ class Attention(nnx.Module):
         self.q_kernel = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std)
         self.k_kernel = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pdt, std)
         self.v_kernel = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pdt, std)
-        self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pdt, 0.0)
-        self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pdt, 0.0)
-        self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pdt, 0.0)
+        if cfg.attention_bias:
+            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pdt, 0.0)
+            self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pdt, 0.0)
+            self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pdt, 0.0)
         self.o_kernel = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pdt, std)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, rngs=rngs)
+
+    def _project(self, x: Array, name: str) -> Array:
+        """`x @ W` (+ bias) per head: `[B, T, D]` -> `[B, T, N, Dh]`."""
+        dt = x.dtype
+        out = jnp.einsum("btd,dhk->bthk", x, getattr(self, f"{name}_kernel")[...].astype(dt))
+        if self.cfg.attention_bias:
+            out = out + getattr(self, f"{name}_bias")[...].astype(dt)
+        return out
 
     def __call__(
         self,
@@ -297,15 +359,9 @@ class Attention(nnx.Module):
         cache_index: Array | None,  # [B] slot of x[:, 0] in the cache
     ) -> tuple[Array, KVCache | None]:
         dt = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(
-            dt
-        )
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(
-            dt
-        )
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(
-            dt
-        )
+        q, k, v = self._project(x, "q"), self._project(x, "k"), self._project(x, "v")
+        if self.cfg.qk_norm:  # Qwen3: each head's query and key normalised before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
