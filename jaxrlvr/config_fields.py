@@ -43,6 +43,7 @@ SECTIONS: dict[str, str] = {
     "diagnostics": "",
     "optim": "AdamW (`optax.adamw`) after global-norm clipping.",
     "train": "",
+    "logging": "Where the metrics go besides `metrics.jsonl` (process 0 only).",
     "mesh": "",
 }
 
@@ -648,6 +649,30 @@ FIELDS: dict[str, Field] = {
         "progress bars (only when stderr is a terminal)",
         doc="tqdm progress bars (steps, and generation when at least 1024 sequences), shown "
         "only when stderr is a terminal (never in a log file).",
+    ),
+    # -- logging
+    "logging.backends": Field(
+        "jsonl,tensorboard",
+        "metric sinks: jsonl (required), tensorboard, wandb, mlflow, trackio",
+        doc="Comma-separated: `jsonl` (`metrics.jsonl`, always), `tensorboard` "
+        "(`workdir/tensorboard/`), `wandb` (Weights & Biases; `WANDB_MODE=offline` works "
+        "without a network), `mlflow` (`MLFLOW_TRACKING_URI`, else a file store in "
+        "`workdir/mlruns`), `trackio` (local in `TRACKIO_DIR`, else the Hugging Face cache). "
+        "Every tracker gets the same metric names and steps and the resolved config once; "
+        "a resumed run continues the same tracker run (ids in `workdir/trackers.json`). "
+        "The tracker packages are extras: `pip install 'jaxrlvr[wandb]'` (`[mlflow]`, "
+        "`[trackio]`, `[trackers]` for all); a missing one stops the run before it starts, "
+        "naming the extra.",
+    ),
+    "logging.project": Field(
+        "jaxrlvr",
+        "the tracker project (W&B project, MLflow experiment, Trackio project)",
+        doc="The project (W&B), experiment (MLflow) or project (Trackio) runs are filed under.",
+    ),
+    "logging.run_name": Field(
+        "",
+        "the tracker run name; '' = the workdir's name",
+        doc="The run's name in the trackers. `\"\"` means the workdir's directory name.",
     ),
     # -- mesh
     "mesh.shape": Field(

@@ -558,20 +558,31 @@ def timing(
 ) -> dict[str, Any]:
     """The roofline time of each program's calls in one step and of the whole run, with
     responses of `mean_len` tokens: the learner's FLOPs follow the packed tokens
-    (prompt + mean response instead of the padded length); bytes and collectives are
-    the compiled programs' own."""
+    (prompt + mean response instead of the padded length); a decode step attends to the
+    filled part of the cache (prompt + mean_len / 2 on average) and reads every argument
+    once (the weights, the whole KV cache: XLA's cost analysis counts a loop's body
+    once, so its byte count is a floor); other bytes and collectives are the compiled
+    programs' own."""
     c = planner.config
     calls = planner.calls_per_step(c, mean_len)
     p, r = c.data.max_prompt_len, c.rollout.max_new_tokens
     learner = ("policy_pass", "reference_pass", "update", "entropy_check")
+    decode, devices = engine_lib.DECODE_STEPS, planner.mesh.size
     programs, step = [], 0.0
     for row in rows:
-        scale = (p + mean_len) / (p + r) if row.name in learner else 1.0
-        one = roofline.call_time(row.flops * scale, row.bytes_accessed, row.collective_bytes, chip)
+        flops, moved = (
+            row.flops * ((p + mean_len) / (p + r) if row.name in learner else 1.0),
+            row.bytes_accessed,
+        )
+        if row.name == "generate":
+            slots = c.rollout.max_slots
+            flops = model_flops(planner.sampler_cfg, slots * decode, p + mean_len / 2, 1) / devices
+            moved = max(moved, decode * row.arguments)
+        one = roofline.call_time(flops, moved, row.collective_bytes, chip)
         n = calls.get(row.name, 1)
         step += n * one.seconds
         programs.append(
-            dict(name=row.name, calls=n, flops=row.flops * scale, bound=one.bound,
+            dict(name=row.name, calls=n, flops=flops, bound=one.bound,
                  call_s=one.seconds, step_s=n * one.seconds)
         )  # fmt: skip
     chips = planner.chips

@@ -100,6 +100,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict):
         config_lib.validate(config)
         preflight.check_local_path("config.workdir", config_lib.workdir(config))
+        preflight.check_trackers(config)
         self.config = config = resolve_model_and_data(config)
         config_lib.validate(config)
         c = config
@@ -182,7 +183,13 @@ class Trainer:
         if jax.process_index() == 0:
             record_config(config, self.workdir, start_step=self.start_step)
         self.metrics = MetricsWriter(
-            self.workdir, resume_step=self.start_step, enabled=jax.process_index() == 0
+            self.workdir,
+            resume_step=self.start_step,
+            enabled=jax.process_index() == 0,
+            backends=c.logging.backends,
+            project=c.logging.project,
+            run_name=c.logging.run_name,
+            config=json.loads(c.to_json()),
         )
         self.skipped_steps = int(self.metrics.last_row.get("skipped_steps", 0))
         self.consecutive_skips = 0

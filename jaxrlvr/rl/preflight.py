@@ -72,6 +72,18 @@ def _chat_template_source(path: str) -> str | None:
     return None
 
 
+def check_trackers(config: ml_collections.ConfigDict) -> None:
+    """`logging.backends`: known backends, jsonl among them, every tracker's package
+    installed (the error names the extra to install)."""
+    from jaxrlvr.runtime.trackers import problems
+
+    found = problems(config.logging.backends)
+    if found:
+        raise ConfigError(
+            f"config.logging.backends={config.logging.backends!r}: {'; '.join(found)}"
+        )
+
+
 def check_attention(config: ml_collections.ConfigDict) -> None:
     """`model.attention` names a kernel this platform has (`auto` always does)."""
     from jaxrlvr.models.attention import check_backend

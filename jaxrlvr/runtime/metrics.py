@@ -13,6 +13,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
+from jaxrlvr.runtime import trackers
 from jaxrlvr.runtime.record import write_atomic
 
 log = logging.getLogger(__name__)
@@ -23,18 +24,29 @@ LOW_PROB = 0.2
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to `workdir/metrics.jsonl`, mirrored to TensorBoard.
+    """Appends one JSON object per step to `workdir/metrics.jsonl`, mirrored to the
+    trackers of `backends` (`jaxrlvr.runtime.trackers`: TensorBoard by default).
 
     On resume from step k, rows of later steps (written after the checkpoint) are dropped;
     a start from step 0 drops every row. So no step appears twice, and the file always
     describes one consistent run. `last_row` is the last row kept.
     """
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        resume_step: int = 0,
+        enabled: bool = True,
+        backends: str = "jsonl,tensorboard",
+        project: str = "jaxrlvr",
+        run_name: str = "",
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.last_row: dict[str, Any] = {}
-        self._tb = None
+        self._trackers: list = []
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -49,14 +61,14 @@ class MetricsWriter:
                     ]
             self.last_row = json.loads(rows[-1]) if rows else {}
             write_atomic(self.path, "".join(rows))
-        try:
-            from tensorboardX import SummaryWriter
-
-            # Events of the steps dropped above are purged from TensorBoard's view too.
-            purge = resume_step + 1 if resume_step > 0 else 0
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
-        except ImportError:  # pragma: no cover - tensorboardX is a dependency
-            log.warning("tensorboardX not installed: no TensorBoard mirror")
+        self._trackers = trackers.open_trackers(
+            backends,
+            workdir,
+            project=project,
+            name=run_name or os.path.basename(os.path.abspath(workdir)),
+            config=config or {},
+            resume_step=resume_step,
+        )
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -64,15 +76,13 @@ class MetricsWriter:
         row = {"step": int(step)} | {k: _plain(v) for k, v in metrics.items() if k != "step"}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        for tracker in self._trackers:
+            tracker.write(int(step), row)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _plain(v: Any) -> Any:
