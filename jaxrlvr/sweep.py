@@ -59,7 +59,11 @@ log = logging.getLogger("jaxrlvr.sweep")
 
 Point = dict[str, Any]
 CONFIG_KEY = "config"  # a point's experiment file, FILE[:ARG]
-SUMMARY_METRICS = ("entropy", "reward_mean", "response_length_mean")
+# The sampler/learner mismatch too: a precision study (sweeps/precision.py) reads it here.
+SUMMARY_METRICS = (
+    "entropy", "reward_mean", "response_length_mean", "mismatch_kl",
+    "mismatch_logp_abs_diff_mean",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- building
