@@ -685,8 +685,8 @@ def time_table(t: dict[str, Any]) -> str:
         )
     lines.append(
         f"\nstep ~{t['step_s']:.1f} s; {t['steps']} steps: ~{t['run_hours']:.1f} h on "
-        f"{t['chips']} chips = {t['chip_hours']:.0f} chip-hours (a lower bound: the three "
-        "terms overlap perfectly, host work and dynamic sampling's extra batches left out)"
+        f"{t['chips']} chips = {t['chip_hours']:.0f} chip-hours (a roofline: the three terms "
+        "overlap perfectly; host work and dynamic sampling's extra batches left out)"
     )
     return "\n".join(lines)
 

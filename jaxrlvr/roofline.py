@@ -1,7 +1,7 @@
 """How long a training step takes, from a roofline: for each compiled program, the largest
 of its FLOPs at the chip's peak, the bytes it moves at the chip's HBM bandwidth, and the
-bytes its collectives exchange at the chip's interconnect bandwidth (a lower bound that
-assumes the three overlap perfectly), times the calls a step makes of it.
+bytes its collectives exchange at the chip's interconnect bandwidth (the three are taken
+to overlap perfectly), times the calls a step makes of it.
 
 Used by `jaxrlvr.plan` (its time table, `--compare`, `--mean_response_len`). The chip
 numbers are the published per-chip figures of each TPU generation (Cloud TPU system
