@@ -14,6 +14,7 @@ Run it with nothing else on the machine; `docs/scaling.md` has its output.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -70,15 +71,26 @@ def main() -> None:
         path = Path(tmp) / "ckpt"
         make_checkpoint(path, args.layers)
         c = config(path, Path(tmp) / "run", args.steps)
-        trainer = Trainer(c)
+        trainer, kept_at = Trainer(c), {}
+        save = Trainer._save
+
+        def measured_save(self, step, *args, **kw):  # the device arrays before a checkpoint
+            gc.collect()
+            kept_at.setdefault("before", sum(x.nbytes for x in jax.live_arrays()))
+            save(self, step, *args, **kw)
+            self.checkpointer.wait()
+            gc.collect()
+            kept_at.setdefault("after", sum(x.nbytes for x in jax.live_arrays()))
+
+        Trainer._save = measured_save
         trainer.run()
+        Trainer._save = save
         rows = read_metrics(c.workdir)[1:]  # the first step compiles
         measured = {
             k: float(np.mean([r[k] for r in rows]))
             for k in ("time_step", "time_rollout", "time_update")
         }
         mean_len = float(np.mean([r["response_length_mean"] for r in rows]))
-        kept = sum(x.nbytes for x in jax.live_arrays())
         result = plan_lib.plan(
             config(path, Path(tmp) / "plan", args.steps),
             log=lambda _: None,
@@ -99,7 +111,10 @@ def main() -> None:
         "| step s " + ratio(t["step_s"], measured["time_step"]),
         "| rollout s " + ratio(predicted_rollout, measured["time_rollout"]),
         "| update s " + ratio(predicted_update, measured["time_update"]),
-        "| device MiB kept while sampling " + ratio(planned_kept / 2**20, kept / 2**20),
+        "| device MiB kept while sampling "
+        + ratio(planned_kept / 2**20, kept_at["before"] / 2**20),
+        "| the same after a checkpoint save "
+        + ratio(planned_kept / 2**20, kept_at["after"] / 2**20),
     ]
     print("\n".join(lines))
 
