@@ -511,7 +511,10 @@ def test_remat_policies_give_the_same_training_metrics(tiny_policy, tmp_path, re
         assert base.keys() == other.keys()
         for key, value in base.items():
             if isinstance(value, float):
-                np.testing.assert_allclose(other[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+                # The sampler/learner mismatch is float32 rounding itself (~1e-7 per token,
+                # summed per sequence): only its scale is comparable across recompute orders.
+                atol = 1e-6 if key.startswith(("mismatch_", "sampler_logp_abs_diff")) else 1e-7
+                np.testing.assert_allclose(other[key], value, rtol=1e-5, atol=atol, err_msg=key)
     assert runs["none"][-1]["grad_norm"] > 0 and "dH_actual" in runs["none"][-1]
 
 
